@@ -1,0 +1,71 @@
+"""Evaluate one method (a trained checkpoint, or the untrained backbone) on a list of tasks.
+
+Runs inside a Ray task in ``bench run`` (so it lands on a GPU node on a cluster); plain function otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench import checkpoint as ckpt
+from bench.backbones import create_backbone
+from bench.config import BackboneConfig, PretrainConfig, build
+from bench.data import build_dataset
+from bench.registry import DATASETS, TASKS
+from tasks.base import EvalData
+
+
+def load_eval_data(name: str, cfg_dict: dict) -> EvalData:
+    cls = DATASETS.get(name)
+    cfg = build(cls.config_class, cfg_dict, f"data.{name}")
+    train, val = build_dataset(name, cfg, "train"), build_dataset(name, cfg, "val")
+    return EvalData(name=name, train=train, val=val, num_classes=val.num_classes, class_names=list(val.class_names))
+
+
+def feature_fn(method: str, final_path: str | None, spec: dict, device: torch.device):
+    """(callable images -> B×C×h×w, module) for a trained method or for the ``random-init`` backbone."""
+    from bench.pretrain import load_trained_method
+
+    bcfg = build(BackboneConfig, spec["backbone"], "backbone")
+    if final_path is None:
+        torch.manual_seed(spec["seed"])  # the same untrained weights the methods started from
+        model = create_backbone(bcfg.name, bcfg.init, 0.0).to(device).eval()
+        return model.forward_dense, model
+    pcfg = build(PretrainConfig, spec["pretrain"], "pretrain")
+    method_obj = load_trained_method(final_path, spec["method_cfg"], bcfg, pcfg, spec["n_pretrain_images"])
+    method_obj.to(device)
+    return method_obj.dense_features, method_obj
+
+
+def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec: dict, out_dir: str,
+                    use_gpu: bool = False, threads: int = 0) -> dict:
+    """Evaluate and write ``<out_dir>/eval_<task>.json`` per task (atomic); returns {task: result dict}."""
+    from bench import plugins
+
+    plugins.load_all()
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    data = load_eval_data(spec["eval_dataset"], spec["eval_dataset_cfg"])
+    feats, _module = feature_fn(method, final_path, spec, device)
+    results = {}
+    for task in tasks:
+        path = os.path.join(out_dir, f"eval_{task}.json")
+        if os.path.exists(path):
+            results[task] = ckpt.load_json(path)
+            continue
+        cls = TASKS.get(task)
+        task_obj = cls(build(cls.config_class, spec["tasks"].get(task, {}), f"tasks.{task}"))
+        res = task_obj.evaluate(feats, data, device)
+        out = {"metrics": res.metrics, "per_class": res.per_class, "protocol": res.protocol,
+               "primary": cls.primary, "figures": {}}
+        os.makedirs(out_dir, exist_ok=True)
+        for fname, png in (res.figures or {}).items():
+            fpath = os.path.join(out_dir, f"{task}_{fname}")
+            ckpt.atomic_write_bytes(fpath, lambda fh, b=png: fh.write(b))
+            out["figures"][fname] = fpath
+        ckpt.save_json(out, path)
+        results[task] = out
+    return results

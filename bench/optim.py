@@ -1,0 +1,79 @@
+"""Optimisers built from a method's parameter groups, with per-iteration lr / weight-decay schedules."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.config import PretrainConfig
+from bench.errors import BenchError
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as used by BYOL/PixPro/CLoVE.
+
+    Groups with ``lars_exclude`` (biases, norms) use plain SGD steps. Trust ratio η‖w‖/‖g + wd·w‖.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if group["weight_decay"] and not group["lars_exclude"]:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                        torch.ones_like(p_norm))
+                    d_p = d_p.mul(trust)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d_p.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d_p)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(groups: list[dict], cfg: PretrainConfig) -> torch.optim.Optimizer:
+    for g in groups:
+        g.setdefault("apply_wd", True)
+        g["weight_decay"] = cfg.weight_decay if g["apply_wd"] else 0.0
+        g["lars_exclude"] = not g["apply_wd"]
+    name = cfg.optimizer.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise BenchError(f"pretrain.optimizer: unknown optimiser '{cfg.optimizer}'; valid: adamw, sgd, lars")
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if g.get("apply_wd", True):
+            g["weight_decay"] = wd
+
+
+def clip_per_tensor(params, max_norm: float) -> torch.Tensor:
+    """DINO's clipping: each parameter tensor's gradient is clipped to ``max_norm`` separately.
+
+    Returns the total gradient norm before clipping (a 0-d tensor, for logging)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+    return torch.linalg.vector_norm(torch.stack(norms))

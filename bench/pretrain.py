@@ -1,0 +1,306 @@
+"""The pretraining loop: a plain function run by Ray Train's ``TorchTrainer`` on every worker.
+
+Orchestration (Ray start, trainer construction, progress, MLflow) lives in ``bench.pipeline``; this module
+only trains. Everything a worker needs arrives in ``loop_config`` as plain data:
+
+    method, method_cfg, pretrain, backbone, dataset, dataset_cfg, seed, out_dir
+
+Files under ``out_dir`` (shared storage on a cluster):
+    checkpoints/step_XXXXXXX.pt   atomic, the newest two kept; a restarted worker or a re-run resumes here
+    metrics.jsonl                 one JSON line per logged step (rank 0), read by the driver for progress/MLflow
+    final.pt                      the trained method's state, written last (atomic)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterator
+
+import torch
+
+from bench import checkpoint as ckpt
+from bench.backbones import create_backbone
+from bench.config import BackboneConfig, PretrainConfig, build
+from bench.data import build_dataset
+from bench.errors import BenchError
+from bench.data.views import PretrainViews, build_view_transform, collate_views
+from bench.optim import build_optimizer, clip_per_tensor, set_schedule
+from bench.registry import DATASETS, METHODS
+from methods.base import Schedule
+from methods.common.schedules import cosine_schedule
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Deterministic per-epoch permutation, sharded by rank, that can start mid-epoch.
+
+    Yields ``epoch * N + index`` so the view pipeline can seed each sample's augmentation from
+    (seed, epoch, index): a resumed run sees exactly the views an uninterrupted one would have seen.
+    """
+
+    def __init__(self, n: int, batch_per_rank: int, steps_per_epoch: int, rank: int, world: int, seed: int):
+        self.n, self.b, self.spe = n, batch_per_rank, steps_per_epoch
+        self.rank, self.world, self.seed = rank, world, seed
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        need = self.spe * self.b * self.world
+        perm = torch.randperm(self.n, generator=g)
+        while len(perm) < need:  # tiny datasets: wrap around
+            perm = torch.cat([perm, torch.randperm(self.n, generator=g)])
+        perm = perm[:need].view(self.spe, self.world, self.b)[:, self.rank]  # spe × b
+        for idx in perm[self.start_step:].reshape(-1).tolist():
+            yield self.epoch * self.n + idx
+
+    def __len__(self) -> int:
+        return (self.spe - self.start_step) * self.b
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Decodes ``epoch * N + index`` and seeds the augmentation of that sample."""
+
+    def __init__(self, views: PretrainViews, seed: int):
+        self.views, self.seed, self.n = views, seed, len(views)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(key, self.n)
+        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        return self.views[index]
+
+
+def _context():
+    """(rank, world, train context or None): works inside Ray Train and in a plain process."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ctx
+    except Exception:
+        return 0, 1, None
+
+
+def build_method(name: str, method_cfg: dict, backbone_cfg: BackboneConfig, schedule: Schedule):
+    cls = METHODS.get(name)
+    cfg = build(cls.config_class, method_cfg, f"methods.{name}")
+
+    def factory():
+        return create_backbone(backbone_cfg.name, backbone_cfg.init, backbone_cfg.drop_path)
+
+    return cls(cfg, factory, schedule)
+
+
+def plan_schedule(pcfg: PretrainConfig, n_images: int, world: int) -> Schedule:
+    spe = pcfg.steps_per_epoch or max(n_images // pcfg.batch_size, 1)
+    return Schedule(total_steps=spe * pcfg.epochs, steps_per_epoch=spe, epochs=pcfg.epochs, world_size=world)
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, list):
+        return [_to_device(b, device) for b in batch]
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def train_loop(loop_config: dict) -> dict:
+    """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value)."""
+    from bench import plugins
+
+    plugins.load_all()
+    rank, world, ctx = _context()
+    pcfg = build(PretrainConfig, loop_config["pretrain"], "pretrain")
+    bcfg = build(BackboneConfig, loop_config["backbone"], "backbone")
+    seed = int(loop_config["seed"])
+    out_dir = loop_config["out_dir"]
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    if pcfg.cpus_per_worker > 0:
+        torch.set_num_threads(pcfg.cpus_per_worker)
+
+    use_gpu = pcfg.gpu and torch.cuda.is_available()
+    if use_gpu and ctx is not None:
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+    else:
+        device = torch.device("cuda" if use_gpu else "cpu")
+    bf16 = pcfg.precision == "bf16" or (pcfg.precision == "auto" and use_gpu)
+
+    dcls = DATASETS.get(loop_config["dataset"])
+    dataset = build_dataset(loop_config["dataset"], build(dcls.config_class, loop_config["dataset_cfg"],
+                                                          f"data.{loop_config['dataset']}"), "train")
+    if pcfg.batch_size % world:
+        raise ValueError(f"pretrain.batch_size {pcfg.batch_size} is not divisible by {world} workers")
+    per_rank = pcfg.batch_size // world
+    schedule = plan_schedule(pcfg, len(dataset), world)
+
+    torch.manual_seed(seed)  # identical init on every worker (DDP also broadcasts rank 0's weights)
+    method = build_method(loop_config["method"], loop_config["method_cfg"], bcfg, schedule)
+    transform = build_view_transform(method.view_spec())
+    method.to(device)
+    groups = method.param_groups()
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, pcfg)
+    model = method
+    if world > 1:
+        import ray.train.torch as rtt
+
+        model = rtt.prepare_model(method, move_to_device=False,
+                                  parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    total = schedule.total_steps
+    spe = schedule.steps_per_epoch
+    warmup = int(pcfg.warmup_epochs * spe)
+    lrs = cosine_schedule(pcfg.lr, pcfg.min_lr, total, warmup)
+    wds = cosine_schedule(pcfg.weight_decay, pcfg.weight_decay_end, total)
+
+    # ---- resume: the newest complete checkpoint of this run, if any
+    start = 0
+    found = ckpt.step_checkpoints(ckpt_dir)
+    if found:
+        state = ckpt.load_torch(found[-1][1])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+
+    sampler = EpochSampler(len(dataset), per_rank, spe, rank, world, seed)
+    loader = torch.utils.data.DataLoader(
+        SeededViews(PretrainViews(dataset, transform), seed), batch_size=per_rank, sampler=sampler,
+        num_workers=pcfg.loader_workers, collate_fn=collate_views, drop_last=True,
+        persistent_workers=False, pin_memory=use_gpu)
+
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+
+    method.train()
+    step = start
+    last = {}
+    t_window, n_window = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    images_per_s = float("nan")
+    while step < total:
+        epoch = step // spe
+        sampler.set_position(epoch, step % spe)
+        for batch in loader:
+            set_schedule(optimizer, float(lrs[step]), float(wds[step]))
+            batch = _to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(batch, step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower pretrain.lr or check the method config")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_per_tensor(trainable, pcfg.clip_grad) if pcfg.clip_grad > 0 else torch.zeros(())
+            method.on_after_backward(step)
+            optimizer.step()
+            method.after_step(step)
+            step += 1
+            n_window += 1
+            if step % pcfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                images_per_s = n_window * pcfg.batch_size / max(now - t_window, 1e-9)
+                t_window, n_window = now, 0
+                last = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": float(lrs[step - 1]),
+                        "wd": float(wds[step - 1]), "grad_norm": float(grad_norm), "images_per_s": images_per_s}
+                last.update({k: float(v) for k, v in out.items() if k != "loss" and _is_number(v)})
+                if rank == 0:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(last) + "\n")
+                _report(ctx, last)
+            if step % pcfg.checkpoint_every == 0 and step < total:
+                _save_step(method, optimizer, step, ckpt_dir, rank)
+            if step >= total or step % spe == 0:
+                break
+    wall = time.perf_counter() - t_start
+    if rank == 0:
+        ckpt.save_torch({"method": loop_config["method"], "step": step, "method_state": method.state_dict()},
+                        os.path.join(out_dir, "final.pt"))
+        ckpt.prune(ckpt_dir, keep=0)
+    return {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
+            "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall}
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, (int, float)):
+        return math.isfinite(float(v))
+    return isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+def _truncate_metrics(path: str, start: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= start:
+                kept.append(ln)
+        except (ValueError, KeyError):
+            continue
+    ckpt.atomic_write_bytes(path, lambda fh: fh.write("".join(kept).encode()))
+
+
+def _save_step(method, optimizer, step: int, ckpt_dir: str, rank: int) -> None:
+    if rank == 0:
+        ckpt.save_torch({"step": step, "method": method.state_dict(), "optimizer": optimizer.state_dict()},
+                        os.path.join(ckpt_dir, f"step_{step:07d}.pt"))
+        ckpt.prune(ckpt_dir, keep=2)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    except Exception:
+        pass
+
+
+def _report(ctx, metrics: dict) -> None:
+    if ctx is None:
+        return
+    import ray.train
+
+    ray.train.report(metrics)
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as fh:
+        for ln in fh:
+            try:
+                rows.append(json.loads(ln))
+            except ValueError:
+                continue
+    return rows
+
+
+def load_trained_method(final_path: str, method_cfg: dict, backbone_cfg: BackboneConfig, pcfg: PretrainConfig,
+                        n_images: int):
+    """Rebuild a method from ``final.pt`` for evaluation (CPU, eval mode)."""
+    state = ckpt.load_torch(final_path)
+    schedule = plan_schedule(pcfg, n_images, 1)
+    bcfg = BackboneConfig(name=backbone_cfg.name, init="", drop_path=0.0)
+    method = build_method(state["method"], method_cfg, bcfg, schedule)
+    missing, unexpected = method.load_state_dict(state["method_state"], strict=False)
+    if unexpected or [m for m in missing if "backbone" in m]:
+        raise BenchError(f"checkpoint {final_path}: does not match method '{state['method']}' with backbone "
+                              f"'{backbone_cfg.name}' ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return method.eval()
+

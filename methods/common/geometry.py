@@ -1,0 +1,49 @@
+"""View geometry: where each feature-map cell of a crop lies in the source image.
+
+Coordinates are continuous source-image pixels: pixel (row k, col l) covers [l, l+1) × [k, k+1), so its
+centre is (l + 0.5, k + 0.5). A crop with box (x0, y0, x1, y1) resized to any side and cut into an h×w
+grid has cell (i, j) centred at x = x0 + (j + 0.5)/w · (x1 − x0) (or x0 + (1 − (j + 0.5)/w) · (x1 − x0)
+when the crop was mirrored after cropping), y = y0 + (i + 0.5)/h · (y1 − y0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cell_centers(boxes: torch.Tensor, flips: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """boxes B×4 (x0, y0, x1, y1), flips B bool, grid (h, w) -> B×h×w×2 centres (x, y) in source pixels."""
+    h, w = grid
+    boxes = boxes.float()
+    fx = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) / w  # w
+    fy = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) / h  # h
+    fx = torch.where(flips.view(-1, 1).to(boxes.device), 1.0 - fx.view(1, -1), fx.view(1, -1))  # B×w
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    xs = x0[:, None] + fx * (x1 - x0)[:, None]  # B×w
+    ys = y0[:, None] + fy.view(1, -1) * (y1 - y0)[:, None]  # B×h
+    return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+
+
+def cell_size(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """B×2 (width, height) of one feature cell in source pixels."""
+    h, w = grid
+    return torch.stack([(boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], dim=-1)
+
+
+def pairwise_center_distance(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """ca B×Na×2, cb B×Nb×2 -> B×Na×Nb Euclidean distances in source pixels."""
+    return torch.cdist(ca.float(), cb.float())
+
+
+def normalized_positions(centers: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Centres B×...×2 divided by the source image size B×2 (H, W) -> coordinates in [0, 1]."""
+    hw = sizes.float().to(centers.device)
+    scale = torch.stack([hw[:, 1], hw[:, 0]], dim=-1)  # (W, H) to match (x, y)
+    shape = [scale.shape[0]] + [1] * (centers.dim() - 2) + [2]
+    return centers / scale.view(shape)
+
+
+def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersections of boxes a, b (B×4) as B×4; empty intersections have x1 <= x0 or y1 <= y0."""
+    return torch.stack([torch.maximum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1]),
+                        torch.minimum(a[:, 2], b[:, 2]), torch.minimum(a[:, 3], b[:, 3])], dim=-1)

@@ -1,0 +1,131 @@
+"""DINO (Caron et al., ICCV 2021): self-distillation with no labels, the image-level baseline.
+
+Faithful to ``shared/specs/methods.md`` §0.2: student and EMA teacher (momentum 0.996 → 1 by a cosine per
+iteration), DINOHead (3-layer MLP, L2 norm, weight-normalised last layer with frozen gain), centering
+(momentum 0.9, mean over all workers), teacher temperature warm-up indexed per epoch, multi-crop
+(2 global + local crops), last layer frozen during the first epoch, AdamW with cosine lr / weight decay.
+
+Scaled down for the CPU default (every value is a config field; the reference values are in comments):
+head widths 512/128/1024 (ref 2048/256/65536), 2 local crops (ref 8), 64/32-px crops (ref 224/96),
+teacher momentum 0.99 (ref 0.996; a run of a few hundred steps leaves a 0.996 teacher near its init).
+The evaluation backbone is the teacher's, as in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bench.data.views import MultiCropSpec
+from bench.registry import METHODS
+from methods.base import Method, Schedule
+from methods.common.dino_loss import DINOLoss
+from methods.common.ema import ema_update, make_teacher
+from methods.common.heads import DINOHead
+from methods.common.schedules import momentum_schedule
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 1024  # ref 65536
+    hidden_dim: int = 512  # ref 2048
+    bottleneck_dim: int = 128  # ref 256
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    momentum_teacher: float = 0.99  # ref 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    freeze_last_layer: int = 1  # epochs during which the last layer's gradients are discarded
+    global_size: int = 64  # ref 224
+    local_size: int = 32  # ref 96
+    n_local: int = 2  # ref 8
+    global_scale: tuple = (0.4, 1.0)
+    local_scale: tuple = (0.05, 0.4)
+
+
+class DINOPair(nn.Module):
+    """Backbone + head on the image-level embedding (CLS for ViTs, pooled map for CNNs)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Crops of equal size are batched together, as in the reference multi-crop wrapper."""
+        outs: list[torch.Tensor] = []
+        i = 0
+        while i < len(crops):
+            j = i
+            while j < len(crops) and crops[j].shape[-1] == crops[i].shape[-1]:
+                j += 1
+            x = torch.cat(crops[i:j])
+            emb = self.head(self.backbone.forward_pooled(x))
+            outs.extend(emb.chunk(j - i))
+            i = j
+        return outs
+
+
+@METHODS.register("dino")
+class DINO(Method):
+    config_class = DINOConfig
+    pretrain_defaults = {"optimizer": "adamw", "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0}
+
+    def __init__(self, cfg: DINOConfig, backbone_factory, schedule: Schedule):
+        super().__init__(cfg, backbone_factory, schedule)
+        backbone = backbone_factory()
+        head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                        use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer)
+        self.student = DINOPair(backbone, head)
+        self.teacher = make_teacher(self.student)
+        self.loss_fn = DINOLoss(cfg.out_dim, cfg.teacher_temp, cfg.warmup_teacher_temp,
+                                cfg.warmup_teacher_temp_epochs, schedule.epochs, cfg.student_temp,
+                                cfg.center_momentum)
+        self.momentum = momentum_schedule(cfg.momentum_teacher, schedule.total_steps)
+
+    def view_spec(self) -> MultiCropSpec:
+        c = self.cfg
+        return MultiCropSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale),
+                             n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale))
+
+    def training_step(self, batch: dict, step: int) -> dict:
+        views = batch["views"]
+        epoch = step // max(self.schedule.steps_per_epoch, 1)
+        with torch.no_grad():
+            teacher_out = self.teacher(views[:2])
+        student_out = self.student(views)
+        loss = self.loss_fn(student_out, teacher_out, epoch)
+        return {"loss": loss, "teacher_temp": self.loss_fn.teacher_temp(epoch),
+                "momentum": float(self.momentum[min(step, len(self.momentum) - 1)])}
+
+    def on_after_backward(self, step: int) -> None:
+        if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
+            for p in self.student.head.last_layer_params():
+                p.grad = None
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
+
+    def param_groups(self) -> list[dict]:
+        from methods.base import split_decay
+
+        return split_decay(self.student.named_parameters())
+
+    def eval_backbone(self):
+        return self.teacher.backbone
+
+    @classmethod
+    def search_space(cls) -> dict:
+        from ray import tune
+
+        return {
+            "teacher_temp": tune.uniform(0.02, 0.07),
+            "student_temp": tune.uniform(0.05, 0.2),
+            "momentum_teacher": tune.uniform(0.98, 0.999),
+            "center_momentum": tune.uniform(0.8, 0.99),
+        }

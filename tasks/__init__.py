@@ -1,0 +1,1 @@
+"""Downstream tasks, one module each, registered in ``bench.registry.TASKS`` by name."""

@@ -1,0 +1,75 @@
+"""Segmentation metrics from one dataset-level confusion matrix (protocols.md §0).
+
+``N[g, p]`` counts valid pixels with ground truth g and prediction p. IoU_c = TP/(TP+FP+FN); classes with
+an empty denominator are NaN and skipped by the mean (the cityscapesscripts / STEGO / PiCIE convention).
+Cluster-to-class matching: Hungarian (one-to-one, scipy) or majority vote (many-to-one, overclustering).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+IGNORE = 255
+
+
+def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_gt: int, num_pred: int | None = None,
+                     ignore_index: int = IGNORE) -> torch.Tensor:
+    """pred, gt: integer tensors of equal shape -> num_gt×num_pred int64 counts (ignore pixels dropped)."""
+    num_pred = num_pred or num_gt
+    pred = pred.reshape(-1).long()
+    gt = gt.reshape(-1).long()
+    valid = (gt != ignore_index) & (gt >= 0) & (gt < num_gt) & (pred >= 0) & (pred < num_pred)
+    idx = gt[valid] * num_pred + pred[valid]
+    return torch.bincount(idx, minlength=num_gt * num_pred).reshape(num_gt, num_pred).cpu()
+
+
+def iou_per_class(conf: np.ndarray | torch.Tensor) -> np.ndarray:
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    denom = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, tp / np.where(denom > 0, denom, 1), np.nan)
+
+
+def mean_iou(conf) -> float:
+    iou = iou_per_class(conf)
+    return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+
+
+def pixel_accuracy(conf) -> float:
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum()
+    return float(np.trace(conf) / total) if total > 0 else float("nan")
+
+
+def hungarian_match(conf) -> np.ndarray:
+    """Square confusion (classes × clusters) -> ``mapping[cluster] = class`` maximising matched pixels."""
+    conf = np.asarray(conf)
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    mapping = np.full(conf.shape[1], -1, dtype=np.int64)
+    mapping[cols] = rows
+    return mapping
+
+
+def majority_vote_match(conf) -> np.ndarray:
+    """classes × clusters -> ``mapping[cluster] = class`` with the most pixels of that cluster."""
+    return np.asarray(conf).argmax(axis=0).astype(np.int64)
+
+
+def remap_confusion(conf, mapping: np.ndarray, num_classes: int) -> np.ndarray:
+    """Merge cluster columns into class columns by ``mapping`` (clusters mapped to -1 are dropped)."""
+    conf = np.asarray(conf)
+    out = np.zeros((conf.shape[0], num_classes), dtype=conf.dtype)
+    for cluster, cls in enumerate(mapping):
+        if cls >= 0:
+            out[:, cls] += conf[:, cluster]
+    return out
+
+
+def summarize(conf) -> dict:
+    """mIoU and pixel accuracy in percent, plus the per-class IoU vector (percent, NaN for absent)."""
+    iou = iou_per_class(conf)
+    return {"miou": 100.0 * mean_iou(conf), "pixel_acc": 100.0 * pixel_accuracy(conf),
+            "per_class_iou": [float(100.0 * v) for v in iou]}
