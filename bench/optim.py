@@ -11,12 +11,13 @@ from bench.errors import BenchError
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as used by BYOL/PixPro/CLoVE.
 
-    Groups with ``lars_exclude`` (biases, norms) use plain SGD steps. Trust ratio η‖w‖/‖g + wd·w‖.
+    Groups with ``lars_exclude`` (biases, norms) use plain SGD steps. Trust ratio η‖w‖/(‖g + wd·w‖ + eps),
+    with the CLoVE/PixPro defaults η = 1e-3, eps = 1e-8.
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                 eta: float = 0.001, eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                                       lars_exclude=False))
 
     @torch.no_grad()
@@ -31,8 +32,8 @@ class LARS(torch.optim.Optimizer):
                     d_p = d_p.add(p, alpha=group["weight_decay"])
                 if not group["lars_exclude"]:
                     p_norm, g_norm = torch.norm(p), torch.norm(d_p)
-                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
-                                        torch.ones_like(p_norm))
+                    ratio = group["eta"] * p_norm / (g_norm + group.get("eps", 1e-8))
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(p_norm))
                     d_p = d_p.mul(trust)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")

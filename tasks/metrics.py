@@ -26,22 +26,29 @@ def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_gt: int, num_pred
 
 
 def iou_per_class(conf: np.ndarray | torch.Tensor) -> np.ndarray:
+    """C×P confusion (P >= C) -> C IoUs; columns beyond C are predictions outside the classes (e.g. void ids or
+    unmatched clusters): they count as false negatives of their GT row, as cityscapesscripts does."""
     conf = np.asarray(conf, dtype=np.float64)
-    tp = np.diag(conf)
-    denom = conf.sum(0) + conf.sum(1) - tp
+    num = conf.shape[0]
+    tp = np.diag(conf[:, :num])
+    denom = conf[:, :num].sum(0) + conf.sum(1) - tp
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denom > 0, tp / np.where(denom > 0, denom, 1), np.nan)
 
 
-def mean_iou(conf) -> float:
+def mean_iou(conf, empty: str = "skip") -> float:
+    """``empty="skip"``: classes with an empty denominator are left out (NaN-skip, the default); ``"zero"``:
+    they count as IoU 0 and the mean is over all C classes (Leopart's ``PredsmIoU``, protocols.md §0)."""
     iou = iou_per_class(conf)
+    if empty == "zero":
+        return float(np.nan_to_num(iou, nan=0.0).mean())
     return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
 
 
 def pixel_accuracy(conf) -> float:
     conf = np.asarray(conf, dtype=np.float64)
     total = conf.sum()
-    return float(np.trace(conf) / total) if total > 0 else float("nan")
+    return float(np.trace(conf[:, :conf.shape[0]]) / total) if total > 0 else float("nan")
 
 
 def hungarian_match(conf) -> np.ndarray:
@@ -58,14 +65,28 @@ def majority_vote_match(conf) -> np.ndarray:
     return np.asarray(conf).argmax(axis=0).astype(np.int64)
 
 
-def remap_confusion(conf, mapping: np.ndarray, num_classes: int) -> np.ndarray:
-    """Merge cluster columns into class columns by ``mapping`` (clusters mapped to -1 are dropped)."""
+def remap_confusion(conf, mapping: np.ndarray, num_classes: int, unmatched: str = "drop") -> np.ndarray:
+    """Merge cluster columns into class columns by ``mapping``. Clusters mapped to -1 are dropped
+    (``unmatched="drop"``) or summed into an extra column ``num_classes`` (``"extra"``), where
+    :func:`iou_per_class` counts them as false negatives."""
     conf = np.asarray(conf)
-    out = np.zeros((conf.shape[0], num_classes), dtype=conf.dtype)
+    out = np.zeros((conf.shape[0], num_classes + (unmatched == "extra")), dtype=conf.dtype)
     for cluster, cls in enumerate(mapping):
         if cls >= 0:
             out[:, cls] += conf[:, cluster]
+        elif unmatched == "extra":
+            out[:, num_classes] += conf[:, cluster]
     return out
+
+
+def match_clusters(conf, how: str) -> np.ndarray:
+    """classes × clusters -> ``mapping[cluster] = class`` by ``how``: ``hungarian`` (one-to-one, K >= C;
+    surplus clusters get -1) or ``majority`` (many-to-one, protocols.md §2.6)."""
+    if how == "hungarian":
+        return hungarian_match(conf)
+    if how == "majority":
+        return majority_vote_match(conf)
+    raise ValueError(f"unknown matching '{how}'; valid: hungarian, majority")
 
 
 def summarize(conf) -> dict:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from methods.common.dist import all_reduce_sum, world_size
+from methods.common.dist import all_reduce_sum
 from methods.common.schedules import linear_warmup_constant
 
 
@@ -54,7 +54,12 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the teacher's batch mean; the mean is over the global batch of every worker."""
-        batch_sum = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-        batch_mean = batch_sum / (teacher_logits.shape[0] * world_size())
+        """EMA of the teacher's batch mean; the mean is over the global batch of every worker.
+
+        The row count travels in the same all-reduce, so workers may hold different numbers of rows (CrOC's
+        valid centroids); with equal counts this is the reference's sum / (rows · world size).
+        """
+        rows = teacher_logits.new_full((1, 1), float(teacher_logits.shape[0]), dtype=torch.float32)
+        total = all_reduce_sum(torch.cat([teacher_logits.float().sum(dim=0, keepdim=True), rows], dim=1))
+        batch_mean = total[:, :-1] / total[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_mean * (1 - self.center_momentum))

@@ -18,11 +18,12 @@ class DINOHead(nn.Module):
     """MLP (in → hidden → hidden → bottleneck, GELU) → L2 normalise → weight-normalised Linear(bottleneck, out).
 
     Input ``*×in_dim``; output ``*×out_dim`` logits. With ``norm_last_layer`` the weight norm's gain is fixed
-    to 1 and frozen, as in DINO.
+    to 1 and frozen, as in DINO. ``out_dim_c > 0`` adds CrOC's second output layer ``last_layer_c``
+    (``forward_c``: ``*×in_dim`` -> ``*×out_dim_c``), which shares the MLP.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True, out_dim_c: int = 0):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
@@ -45,14 +46,30 @@ class DINOHead(nn.Module):
             self.last_layer.parametrizations.weight.original0.fill_(1.0)
         if norm_last_layer:
             self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.last_layer_c = None
+        if out_dim_c > 0:  # built after last_layer so that DINO's initialisation (RNG order) is unchanged
+            self.last_layer_c = nn.utils.parametrizations.weight_norm(
+                nn.Linear(bottleneck_dim, out_dim_c, bias=False))
+            with torch.no_grad():
+                self.last_layer_c.parametrizations.weight.original0.fill_(1.0)
+            if norm_last_layer:
+                self.last_layer_c.parametrizations.weight.original0.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
 
+    def forward_c(self, x: torch.Tensor) -> torch.Tensor:
+        """The second output layer (CrOC centroids): same MLP and L2 norm, then ``last_layer_c``."""
+        if self.last_layer_c is None:
+            raise RuntimeError("DINOHead was built without a second output layer (out_dim_c=0)")
+        return self.last_layer_c(F.normalize(self.mlp(x), dim=-1, p=2))
+
     def last_layer_params(self) -> list[nn.Parameter]:
-        return list(self.last_layer.parameters())
+        """Both output layers (CrOC freezes every module named last_layer* during the first epoch)."""
+        extra = list(self.last_layer_c.parameters()) if self.last_layer_c is not None else []
+        return list(self.last_layer.parameters()) + extra
 
 
 class MLPHead(nn.Module):
@@ -69,3 +86,18 @@ class MLPHead(nn.Module):
         x = x.reshape(-1, shape[-1])
         x = self.fc2(F.relu(self.norm(self.fc1(x))))
         return x.reshape(*shape[:-1], -1)
+
+
+class MLP2d(nn.Module):
+    """PixPro / CLoVE dense projector on a feature map: Conv1×1(in→hidden, no bias) → BN → ReLU →
+    Conv1×1(hidden→out, no bias) → BN(out, affine=False). B×in×h×w -> B×out×h×w (PyTorch default init)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+        super().__init__()
+        self.linear1 = nn.Conv2d(in_dim, hidden_dim, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden_dim)
+        self.linear2 = nn.Conv2d(hidden_dim, out_dim, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.linear2(F.relu(self.bn1(self.linear1(x)))))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.common.dist import all_reduce_max, all_reduce_sum, world_size
+from methods.common.dist import all_reduce_max, all_reduce_sum
 
 
 @torch.no_grad()
@@ -23,11 +23,16 @@ def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iter: int = 3) 
     Q = exp(S/ε)ᵀ (K×B_glob), Q /= ΣQ; repeat: rows to 1/K (all-reduced sums), columns to 1/B_glob; then
     each column is scaled to sum 1. With the reference's 3 iterations prototype masses are not yet equal.
     """
-    s = scores.float() / epsilon
-    s = s - all_reduce_max(s.max().clone())
+    # float64: with the global max subtracted, exp(·) only underflows for (max − min)/ε > 700, i.e. never for
+    # cosine scores at any sensible ε (float32 already loses whole prototype rows below ε ≈ 0.02).
+    s = scores.double() / epsilon
+    local_max = s.max() if s.numel() else torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    s = s - all_reduce_max(local_max.clone())
     q = torch.exp(s).t()  # K×B
     k, b_local = q.shape
-    b_glob = b_local * world_size()
+    # ViCE's workers hold different numbers of regions, so B_glob is the all-reduced count (== world·B_local
+    # when every worker holds the same number, the SwAV case).
+    b_glob = int(all_reduce_sum(torch.tensor([float(b_local)], dtype=s.dtype, device=s.device)).item())
     q /= all_reduce_sum(q.sum().clone())
     for _ in range(n_iter):
         row = all_reduce_sum(q.sum(dim=1, keepdim=True))
@@ -36,7 +41,7 @@ def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iter: int = 3) 
         q /= q.sum(dim=0, keepdim=True)
         q /= b_glob
     q *= b_glob
-    return q.t()
+    return q.t().float()
 
 
 @torch.no_grad()
@@ -55,3 +60,57 @@ def sinkhorn_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lam: flo
         p = p * (a / p.sum(dim=2).clamp_min(1e-30)).unsqueeze(2)
         p = p * (b / p.sum(dim=1).clamp_min(1e-30)).unsqueeze(1)
     return torch.nan_to_num(p, nan=1e-8)
+
+
+class EmbeddingQueue(torch.nn.Module):
+    """FIFO of the most recent ``length`` embeddings (length×D) of this worker, for Sinkhorn on small batches.
+
+    SwAV/ViCE/Leopart keep one queue per worker: rows are never exchanged, only the Sinkhorn sums are
+    all-reduced. A method that runs under DDP must list the buffers in ``_ddp_params_and_buffers_to_ignore``
+    so that DDP's buffer broadcast does not replace every worker's queue with rank 0's.
+    ``init="uniform"``: U(−1/√(D/3), 1/√(D/3)) (ViCE, VISSL); ``"zeros"``: SwAV/Leopart, where the queue joins
+    Sinkhorn only once its last row is non-zero (``full``).
+    """
+
+    def __init__(self, length: int, dim: int, init: str = "zeros"):
+        super().__init__()
+        if init not in ("zeros", "uniform"):
+            raise ValueError(f"queue init '{init}': expected zeros or uniform")
+        items = torch.zeros(length, dim)
+        if init == "uniform":
+            bound = 1.0 / (dim / 3.0) ** 0.5
+            items.uniform_(-bound, bound)
+        self.register_buffer("items", items)
+        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
+
+    @property
+    def length(self) -> int:
+        return self.items.shape[0]
+
+    @property
+    def full(self) -> bool:
+        return self.length > 0 and int(self.pushed) >= self.length
+
+    @torch.no_grad()
+    def push(self, emb: torch.Tensor) -> None:
+        """emb N×D: the newest rows go to the front; when N > length only the first ``length`` are kept."""
+        n = min(emb.shape[0], self.length)
+        if n == 0:
+            return
+        self.items.copy_(torch.cat([emb[:n].to(self.items.dtype), self.items[: self.length - n]]))
+        self.pushed += n
+
+    @torch.no_grad()
+    def scores(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """prototypes K×D -> length×K scores with the *current* prototypes (recomputed every step)."""
+        return self.items @ prototypes.detach().t().to(self.items.dtype)
+
+
+@torch.no_grad()
+def swav_codes(scores: torch.Tensor, queue_scores: torch.Tensor | None = None, epsilon: float = 0.05,
+               n_iter: int = 3) -> torch.Tensor:
+    """Codes for ``scores`` (B×K) with optional queue scores (L×K) prepended for the Sinkhorn step only."""
+    if queue_scores is None or queue_scores.shape[0] == 0:
+        return swav_sinkhorn(scores, epsilon, n_iter)
+    q = swav_sinkhorn(torch.cat([queue_scores.to(scores.dtype), scores.detach()]), epsilon, n_iter)
+    return q[queue_scores.shape[0]:]

@@ -1,0 +1,84 @@
+"""Bad input: one line on stderr, exit code 2, before any work starts."""
+
+import pytest
+
+from bench.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _err(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--methods", "dino,nope"], r"--methods: unknown method 'nope'; valid: .*dino"),
+    (["run", "--tasks", "segment"], r"--tasks: unknown task 'segment'; valid: .*linseg"),
+    (["run", "--data", "imagenet"], r"--data: unknown dataset 'imagenet'; valid: .*synthetic"),
+    (["run", "--set", "pretrain.epochs"], r"--set pretrain\.epochs: expected key\.path=value"),
+    (["run", "--set", "pretrain.epochs=ten"], r"pretrain\.epochs: expected int, got str 'ten'"),
+    (["run", "--init", "missing.pt"], r"--init missing\.pt: file not found"),
+    (["run", "--config", "nope.yaml"], r"--config nope\.yaml: file not found"),
+    (["run", "--methods", ","], r"--methods: expected a comma-separated list"),
+])
+def test_bad_input_is_one_line(capsys, argv, message):
+    import re
+
+    code, err = _err(capsys, argv)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+
+
+def test_wrong_type_in_yaml(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("methods:\n  dino:\n    teacher_temp: hot\n")
+    code, err = _err(capsys, ["run", "--config", "c.yaml"])
+    assert code == 2 and "methods.dino.teacher_temp: expected float, got str 'hot'" in err
+
+
+def test_corrupted_init_checkpoint(capsys, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    code, err = _err(capsys, ["run", "--init", "w.pt"])
+    assert code == 2 and "--init w.pt: not a readable torch checkpoint" in err
+
+
+def test_init_checkpoint_with_foreign_keys(capsys, tmp_path):
+    import torch
+
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "foreign.pt")
+    code, err = _err(capsys, ["run", "--init", "foreign.pt"])
+    assert code == 2 and "no tensor matches backbone 'vit_tiny_d4_p8'" in err
+
+
+def test_init_checkpoint_loads_matching_weights(tmp_path):
+    import torch
+
+    from bench.backbones import create_backbone
+
+    src = create_backbone("vit_tiny_d4_p8")
+    torch.save({"model": {f"module.backbone.{k}": v for k, v in src.model.state_dict().items()}}, tmp_path / "ok.pt")
+    dst = create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "ok.pt"))
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(dst.model.state_dict()[k], v)
+
+
+def test_unwritable_storage(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, err = _err(capsys, ["run", "--storage", "afile/sub", "--no-progress"])
+    assert code == 2 and "run.storage" in err and "cannot create it" in err
+
+
+def test_leaderboard_on_missing_store(capsys):
+    code, err = _err(capsys, ["leaderboard", "--tracking-uri", "sqlite:///nowhere/x.db"])
+    assert code == 2 and "no MLflow store" in err
+
+
+def test_help_lists_registered_components(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "registered: methods" in out and "dino" in out and "linseg" in out

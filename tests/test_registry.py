@@ -1,0 +1,40 @@
+import pytest
+
+from bench.errors import BenchError
+from bench.registry import BACKBONES, DATASETS, METHODS, TASKS, Registry
+
+
+def test_round_trip_and_listing():
+    reg = Registry("widget")
+
+    @reg.register("b")
+    class B:
+        pass
+
+    reg.register("a")(int)
+    assert reg.get("b") is B and reg.get("a") is int
+    assert reg.names() == ["a", "b"] and "a" in reg and "c" not in reg
+
+
+def test_unknown_name_lists_valid_ones():
+    reg = Registry("widget")
+    reg.register("alpha")(int)
+    with pytest.raises(BenchError, match=r"unknown widget 'beta'; valid: alpha"):
+        reg.get("beta")
+    with pytest.raises(BenchError, match=r"--widgets: unknown widget 'x', 'y'; valid: alpha"):
+        reg.validate(["alpha", "x", "y"], "--widgets")
+
+
+def test_double_registration_of_a_different_object_fails():
+    reg = Registry("widget")
+    reg.register("a")(int)
+    reg.register("a")(int)  # the same object again (module re-import) is fine
+    with pytest.raises(ValueError):
+        reg.register("a")(str)
+
+
+def test_builtin_components_are_registered():
+    assert "dino" in METHODS and "linseg" in TASKS and "synthetic" in DATASETS
+    assert {"vit_tiny_d4_p8", "vit_small_p16", "resnet50"} <= set(BACKBONES.names())
+    for name in METHODS:
+        assert hasattr(METHODS.get(name), "config_class")
