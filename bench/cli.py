@@ -62,14 +62,92 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray address; empty starts a local Ray, 'auto' joins a running cluster")
     run.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline row")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--from-tune", metavar="NAME[,NAME]",
+                     help="pretrain with the best config of `bench tune` search(es) NAME for the method(s) they tuned "
+                          "(default --methods: those methods; explicit --set/--config values still win)")
     _add_config(run)
     _add_common(run)
+
+    tn = sub.add_parser("tune", help="hyperparameter search: Ray Tune + Optuna TPE + ASHA over a method's search space",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TUNE_HELP + "\n" + CONFIG_HELP)
+    tn.add_argument("--method", help="the method to tune (one registered method)")
+    tn.add_argument("--task", default=None, help="the task whose primary metric is the objective (default linseg)")
+    tn.add_argument("--trials", type=int, default=None, help="number of trials (default 16)")
+    tn.add_argument("--space", action="append", default=[], metavar="KEY=DIST|FILE.yaml",
+                    help="replace or add a distribution, repeatable: croc.lambda_pos=loguniform(0.1,10), "
+                         "pretrain.lr=loguniform(1e-4,1e-3), croc.n_tokens=choice(4,6,8), croc.teacher_temp=0.05 (fixed)")
+    tn.add_argument("--space-only", action="store_true", help="search only the --space entries, not the method's defaults")
+    tn.add_argument("--concurrent", type=int, default=None, help="trials at once (default: as many as the cluster holds)")
+    tn.add_argument("--name", help="search name (default <method>-<task>-<time>); its folder is <storage>/tune/<name>")
+    tn.add_argument("--resume", metavar="NAME", help="continue an interrupted search with its own settings")
+    tn.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default 2)")
+    tn.add_argument("--no-asha", action="store_true", help="no early stopping: every trial runs to the end")
+    tn.add_argument("--data", help="dataset for pretraining and evaluation (default synthetic)")
+    tn.add_argument("--pretrain-data", help="dataset for pretraining only")
+    tn.add_argument("--eval-data", help="dataset for evaluation only")
+    tn.add_argument("--backbone", help="backbone name (default vit_tiny_d4_p8)")
+    tn.add_argument("--init", help="local checkpoint to initialise the backbone from")
+    tn.add_argument("--workers", type=int, help="Ray Train workers per trial (default 1)")
+    tn.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    tn.add_argument("--epochs", type=int, help="pretraining epochs per trial")
+    tn.add_argument("--storage", help="folder for searches and checkpoints (default ./bench_runs)")
+    tn.add_argument("--address", help="Ray address; empty starts a local Ray, 'auto' joins a running cluster")
+    _add_config(tn)
+    _add_common(tn)
+
+    sb = sub.add_parser("submit", help="run a bench command on a Ray cluster as a Ray Job",
+                        description="bench submit --address http://HEAD:8265 -- run --methods vice,clove,croc")
+    sb.add_argument("--address", required=True, help="Ray Jobs address (http://HEAD:8265) or 'auto' inside a cluster")
+    sb.add_argument("--pip", action="store_true", help="install the project's requirements in the job's runtime_env")
+    sb.add_argument("--no-follow", action="store_true", help="return after submitting instead of streaming logs")
+    sb.add_argument("--status", metavar="JOB_ID", help="print a job's status")
+    sb.add_argument("--logs", metavar="JOB_ID", help="print a job's logs")
+    sb.add_argument("--stop", metavar="JOB_ID", help="stop a job")
+    sb.add_argument("command", nargs=argparse.REMAINDER, help="-- then the bench command to run")
+
+    pf = sub.add_parser("perf", help="benchmarks of the hot paths; writes results/perf.json and .md")
+    pf.add_argument("--only", default=",".join(["sinkhorn", "kmeans", "ray", "data", "headline"]),
+                    help="comma-separated: sinkhorn, kmeans, ray, data, headline")
+    pf.add_argument("--methods", default="vice,clove,croc", help="methods for ray/data/headline")
+    pf.add_argument("--steps", type=int, default=20, help="pretraining steps for the ray benchmark")
+    pf.add_argument("--out", default="results/perf", help="output prefix (.json and .md are written)")
+    pf.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
 
     lb = sub.add_parser("leaderboard", help="reprint a leaderboard from MLflow")
     lb.add_argument("--run-id", help="one bench run (default: best per method x task over the experiment)")
     lb.add_argument("--export", action="store_true", help="also write results/<name>.md and .csv")
     lb.add_argument("--results-dir", default="results")
+    lb.add_argument("--with-reference", action="store_true",
+                    help="add the published numbers of results/reference.yaml where dataset and protocol match")
+    lb.add_argument("--reference", default=None, metavar="FILE.yaml",
+                    help="reference file (default results/reference.yaml; implies --with-reference)")
     _add_common(lb)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, opened on the leaderboard's experiment")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
+    ui.add_argument("--no-browser", action="store_true", help="only print the address")
+    _add_common(ui)
+
+    data = sub.add_parser("data", help="inspect a dataset: `data check --data NAME` (counts, class histogram)")
+    data_sub = data.add_subparsers(dest="action", metavar="action", required=True)
+    chk = data_sub.add_parser("check", help="build a dataset's splits; print image counts and the class histogram",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CONFIG_HELP)
+    chk.add_argument("--data", required=True, help="dataset name, e.g. cityscapes27 (its root: --set data.NAME.root=...)")
+    chk.add_argument("--split", default="val", help="split for the class histogram (default val)")
+    chk.add_argument("--max-images", type=int, default=500, help="images for the histogram, picked evenly (0 = all)")
+    _add_config(chk)
+
+    ex = sub.add_parser("export", help="convert a trained backbone for another framework (detectron2 weights pickle, "
+                                       "configs and launch scripts)")
+    ex.add_argument("--format", required=True, help="detectron2")
+    ex.add_argument("--run", required=True, help="run id: the folder <storage>/<run> of a bench run")
+    ex.add_argument("--method", required=True, help="method whose evaluation backbone to export (or random-init)")
+    ex.add_argument("-o", "--output", required=True, help="output weights file, e.g. model.pkl")
+    ex.add_argument("--storage", default="bench_runs", help="the run's storage folder (default ./bench_runs)")
+    ex.add_argument("--backbone", help="backbone of the run (default: inferred from the checkpoint)")
+    ex.add_argument("--gpus", type=int, default=8, help="GPUs in the written launch scripts (default 8)")
+    _add_config(ex)
     return parser
 
 
@@ -121,6 +199,15 @@ def cmd_run(args) -> int:
         from bench.backbones import create_backbone
 
         create_backbone(cfg.backbone.name, cfg.backbone.init)  # fail early on a bad checkpoint
+    if args.from_tune:
+        from rich.console import Console
+
+        from bench.tune import apply_from_tune
+
+        names = [n.strip() for n in args.from_tune.split(",") if n.strip()]
+        if not names:
+            raise BenchError("--from-tune: expected the name of a `bench tune` search")
+        cfg = apply_from_tune(cfg, names, Console())
     run(cfg, progress=not args.no_progress)
     return 0
 
@@ -134,6 +221,15 @@ def cmd_leaderboard(args) -> int:
     if not rows:
         raise BenchError(f"no finished evaluations in experiment '{tracker.experiment}' ({tracker.uri})")
     title = f"Leaderboard · run {args.run_id}" if args.run_id else f"Leaderboard · best of experiment '{tracker.experiment}'"
+    if args.with_reference or args.reference:
+        from bench import reference
+
+        refs = reference.load(args.reference)
+        matched = reference.matching_rows(rows, refs)
+        if not matched:
+            print(f"no reference row matches these results' dataset and protocol; {len(refs)} published rows "
+                  f"cover {', '.join(reference.coverage(refs))}")
+        rows = rows + matched
     render(rows, title=title)
     if args.export:
         paths = export(rows, args.results_dir, args.run_id or f"leaderboard-{tracker.experiment}")
@@ -141,8 +237,146 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard}
+def cmd_ui(args) -> int:
+    from bench.ui import serve
 
+    return serve(args.tracking_uri, args.experiment or "bench", args.port, args.host, not args.no_browser)
+
+
+def cmd_data(args) -> int:
+    from bench.datacheck import cmd_data as data_command
+
+    return data_command(args)
+
+
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "data": cmd_data, "ui": cmd_ui}
+
+
+def cmd_submit(args) -> int:
+    from bench import submit
+
+    if args.status:
+        print(submit.job_status(args.address, args.status))
+        return 0
+    if args.logs:
+        print(submit.job_logs(args.address, args.logs), end="")
+        return 0
+    if args.stop:
+        print("stopped" if submit.job_stop(args.address, args.stop) else "not running")
+        return 0
+    command = list(args.command[1:]) if args.command[:1] == ["--"] else list(args.command)
+    job_id = submit.submit(args.address, command, pip=args.pip, follow=not args.no_follow)
+    if args.no_follow:
+        print(job_id)
+    return 0
+
+
+COMMANDS["submit"] = cmd_submit
+
+
+def cmd_export(args) -> int:
+    from bench import plugins
+    from bench.config import load_config
+    from bench.export import FORMATS, export
+    from bench.registry import METHODS
+
+    if args.format not in FORMATS:
+        raise BenchError(f"--format {args.format}: unknown; valid: {', '.join(FORMATS)}")
+    plugins.load_all()
+    if args.method != "random-init":
+        METHODS.validate([args.method], "--method")
+    flags = {"run": {"methods": [args.method]}} if args.method != "random-init" else {}
+    if args.backbone:
+        flags.setdefault("backbone", {})["name"] = args.backbone
+    cfg = load_config(args.config, args.sets, flags)
+    for path in export(args.format, args.storage, args.run, args.method, args.output, args.backbone, cfg, args.gpus):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS["export"] = cmd_export
+
+TUNE_HELP = """\
+examples:
+  python -m bench tune --method croc --task linseg --trials 16
+  python -m bench tune --method croc --space "croc.lambda_pos=loguniform(0.1,10)" --space space.yaml
+  python -m bench tune --resume croc-linseg-20250101-120000     (continue an interrupted search)
+  python -m bench run --methods croc --from-tune croc-linseg-20250101-120000
+the objective is the task's primary metric after full pretraining; ASHA stops weak trials on a held-out proxy
+score reported every pretrain.proxy_every steps (default: a quarter of the pretraining). Results: MLflow (a
+parent run with nested trial runs) and <storage>/tune/<name>/ (trials.csv, best.json).
+"""
+
+
+def cmd_tune(args) -> int:
+    from bench.config import RunSection, load_config
+    from bench.tune import TuneOptions, new_search, resume_search
+
+    if args.resume:
+        given = [opt for opt, v in (("--method", args.method), ("--task", args.task), ("--trials", args.trials),
+                                    ("--space", args.space), ("--space-only", args.space_only),
+                                    ("--concurrent", args.concurrent), ("--name", args.name),
+                                    ("--reduction-factor", args.reduction_factor), ("--no-asha", args.no_asha),
+                                    ("--config", args.config), ("--set", args.sets), ("--data", args.data),
+                                    ("--epochs", args.epochs), ("--workers", args.workers))
+                 if v not in (None, False, [])]
+        if given:
+            raise BenchError(f"--resume {args.resume}: continues with the search's own settings; drop {', '.join(given)}")
+        over: dict = {}
+        if args.address is not None:
+            over.setdefault("run", {})["address"] = args.address
+        if args.tracking_uri is not None:
+            over.setdefault("tracking", {})["uri"] = args.tracking_uri
+        if args.experiment is not None:
+            over.setdefault("tracking", {})["experiment"] = args.experiment
+        out = resume_search(args.resume, args.storage or RunSection().storage, over)
+    else:
+        if not args.method:
+            raise BenchError("--method: required, the method to tune (e.g. --method croc); or --resume NAME")
+        if "," in args.method:
+            raise BenchError(f"--method {args.method}: a search tunes one method; run one search per method")
+        opts = TuneOptions(method=args.method.strip(), task=(args.task or "linseg").strip(),
+                           trials=16 if args.trials is None else args.trials, space=list(args.space),
+                           space_only=args.space_only, concurrent=args.concurrent or 0, name=args.name or "",
+                           reduction_factor=args.reduction_factor or 2, asha=not args.no_asha)
+        from bench.tune import check_options
+
+        check_options(opts)
+        flags: dict = {"run": {"methods": [opts.method], "tasks": [opts.task]}}
+        for section, key, value in (("run", "data", args.data), ("run", "pretrain_data", args.pretrain_data),
+                                    ("run", "eval_data", args.eval_data), ("run", "storage", args.storage),
+                                    ("run", "address", args.address), ("backbone", "name", args.backbone),
+                                    ("backbone", "init", args.init), ("pretrain", "workers", args.workers),
+                                    ("pretrain", "gpu", args.gpu), ("pretrain", "epochs", args.epochs),
+                                    ("tracking", "uri", args.tracking_uri), ("tracking", "experiment", args.experiment)):
+            if value is not None:
+                flags.setdefault(section, {})[key] = value
+        cfg = load_config(args.config, args.sets, flags)
+        if cfg.backbone.init and not os.path.isfile(cfg.backbone.init):
+            raise BenchError(f"--init {cfg.backbone.init}: file not found")
+        if cfg.pretrain.workers < 1:
+            raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
+        out = new_search(cfg, opts)
+    if out["interrupted"]:
+        return 130
+    return 0
+
+
+COMMANDS["tune"] = cmd_tune
+
+def cmd_perf(args) -> int:
+    from bench import plugins
+    from bench.perf import run_perf
+    from bench.registry import METHODS
+
+    plugins.load_all()
+    methods = METHODS.validate([m.strip() for m in args.methods.split(",") if m.strip()], "--methods")
+    run_perf([o.strip() for o in args.only.split(",") if o.strip()], methods, args.out, tiny=args.tiny,
+             steps=args.steps)
+    return 0
+
+
+COMMANDS["perf"] = cmd_perf
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

@@ -74,6 +74,9 @@ class PretrainConfig:
     log_every: int = 5  # steps
     loader_workers: int = 0  # DataLoader worker processes per training worker
     max_failures: int = 1  # Ray Train FailureConfig: restarts from the last checkpoint
+    proxy_every: int = 0  # steps between held-out proxy scores (bench/proxy.py, ASHA's signal in `bench tune`); 0 = off
+    proxy_images: int = 32  # held-out images of the pretraining dataset's val split for the proxy
+    proxy_metric: str = "knn"  # knn (token k-NN mIoU) | kmeans (k-means + Hungarian mIoU)
 
 
 @dataclass

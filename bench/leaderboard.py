@@ -28,7 +28,11 @@ class Row:
     backbone: str = ""
     protocol: str = ""
     run: str = ""  # MLflow run id of the evaluation
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "reference": source of a published (not measured) row
+
+
+def is_reference(row: Row) -> bool:
+    return bool(row.extra.get("reference"))
 
 
 def to_frame(rows: list[Row]) -> pd.DataFrame:
@@ -37,7 +41,9 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
     for r in rows:
         if r.method not in methods:
             methods.append(r.method)
-    methods = [m for m in methods if m != BASELINE] + ([BASELINE] if BASELINE in methods else [])
+    refs = {r.method for r in rows if is_reference(r)}
+    methods = ([m for m in methods if m != BASELINE and m not in refs] + ([BASELINE] if BASELINE in methods else [])
+               + [m for m in methods if m in refs])  # published reference rows last
     tasks: dict[str, list[str]] = {}
     for r in rows:
         cols = tasks.setdefault(r.task, [])
@@ -52,8 +58,11 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
                 line.update({f"{r.task}/{k}": r.metrics.get(k) for k in tasks[r.task]})
                 line.setdefault("dataset", r.dataset)
                 line.setdefault("backbone", r.backbone)
+                if refs:
+                    line.setdefault("source", r.extra.get("reference") or "measured")
         data.append(line)
-    columns = ["method"] + [f"{t}/{k}" for t, ks in tasks.items() for k in ks] + ["dataset", "backbone"]
+    columns = (["method"] + [f"{t}/{k}" for t, ks in tasks.items() for k in ks] + ["dataset", "backbone"]
+               + (["source"] if refs else []))
     return pd.DataFrame(data, columns=columns)
 
 
@@ -71,35 +80,53 @@ def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
     df = to_frame(rows)
     table = Table(title=title, title_justify="left")
     for col in df.columns:
-        table.add_column(col, justify="left" if col in ("method", "dataset", "backbone") else "right",
-                         style="bold" if col == "method" else None)
+        table.add_column(col, justify="left" if col in ("method", "dataset", "backbone", "source") else "right",
+                         style="bold" if col == "method" else None, overflow="fold" if col == "source" else None)
     primaries = {f"{r.task}/{r.primary}" for r in rows}
-    best = {c: df[c].max() for c in df.columns if c in primaries and df[c].notna().any()}
-    for _, line in df.iterrows():
+    refs = {r.method for r in rows if is_reference(r)}
+    measured = df[~df["method"].isin(refs)]
+    best = {c: measured[c].max() for c in df.columns if c in primaries and measured[c].notna().any()}
+    last_measured = len(measured) - 1  # references follow the measured rows: a rule between the two
+    for i, (_, line) in enumerate(df.iterrows()):
         cells = []
+        ref = line["method"] in refs
         for col in df.columns:
             text = _fmt(line[col])
-            if col in best and line[col] == best[col]:
+            if col in best and line[col] == best[col] and not ref:
                 text = f"[green]{text}[/green]"
             if col == "method" and line[col] == BASELINE:
                 text = f"[dim]{text}[/dim]"
+            if ref:
+                from rich.markup import escape
+
+                text = f"[dim italic]{escape(text)}[/dim italic]"
             cells.append(text)
-        table.add_row(*cells)
+        table.add_row(*cells, end_section=bool(refs) and i == last_measured)
     console.print(table)
-    protocols = {r.task: r.protocol for r in rows if r.protocol}
+    protocols = {r.task: r.protocol for r in rows if r.protocol and not is_reference(r)}
     for task, proto in protocols.items():
         console.print(f"[dim]{task}: {proto}[/dim]")
+    if refs:
+        console.print("[dim italic]ref: rows are published numbers (results/reference.yaml), not measured here; "
+                      "shown where dataset and protocol match. Sources in the 'source' column.[/dim italic]")
 
 
 def to_markdown(rows: list[Row]) -> str:
     df = to_frame(rows)
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
+    refs = {r.method for r in rows if is_reference(r)}
     for _, line in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(line[c]) for c in df.columns) + " |")
-    protocols = {r.task: r.protocol for r in rows if r.protocol}
+        cells = [_fmt(line[c]) for c in df.columns]
+        if line["method"] in refs:  # published, not measured: italic
+            cells = [f"*{c}*" if c != "–" else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    protocols = {r.task: r.protocol for r in rows if r.protocol and not is_reference(r)}
     if protocols:
         lines.append("")
         lines.extend(f"- `{t}`: {p}" for t, p in protocols.items())
+    if refs:
+        lines.append("- *ref:* rows (italic) are published numbers from `results/reference.yaml`, not measured "
+                     "here; shown where dataset and protocol match.")
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,31 @@ def ensure_writable(path: str, option: str) -> str:
     return path
 
 
+def eval_spec(cfg: BenchConfig, method: str | None, n_pretrain: int) -> dict:
+    """What ``bench.evaluate.evaluate_method`` needs (plain data); ``method=None`` for the untrained baseline."""
+    c = cfg
+    spec = {
+        "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
+        "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
+        "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": n_pretrain,
+    }
+    if method:
+        spec["method_cfg"] = to_dict(c.methods[method])
+        spec["pretrain"] = to_dict(c.pretrain_for(method))
+        spec["pretrain_dataset"] = c.run.pretrain_dataset()
+    return spec
+
+
+def loop_config(cfg: BenchConfig, method: str, pcfg, out_dir: str, cpus: int) -> dict:
+    """``bench.pretrain.train_loop``'s ``loop_config`` for one method (also used by ``bench tune`` trials)."""
+    c = cfg
+    loop_cfg = {"method": method, "method_cfg": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
+                "backbone": to_dict(c.backbone), "dataset": c.run.pretrain_dataset(),
+                "dataset_cfg": to_dict(c.data[c.run.pretrain_dataset()]), "seed": c.run.seed, "out_dir": out_dir}
+    loop_cfg["pretrain"]["cpus_per_worker"] = cpus
+    return loop_cfg
+
+
 class RunState:
     """The MLflow run ids of one bench run, persisted atomically in ``mlflow.json``."""
 
@@ -79,6 +104,7 @@ class Pipeline:
         c = self.cfg
         tags = {"bench.run_id": self.run_id, "dataset": c.run.eval_dataset(), "pretrain_dataset": c.run.pretrain_dataset(),
                 "backbone": c.backbone.name, "git_commit": git_commit(), "config_hash": c.hash()}
+        tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI's run page
         tags.update(extra)
         return tags
 
@@ -96,18 +122,7 @@ class Pipeline:
         return rid, False
 
     def _spec(self, method: str | None) -> dict:
-        c = self.cfg
-        pre_ds = c.run.pretrain_dataset()
-        spec = {
-            "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
-            "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
-            "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": self.n_pretrain,
-        }
-        if method:
-            spec["method_cfg"] = to_dict(c.methods[method])
-            spec["pretrain"] = to_dict(c.pretrain_for(method))
-            spec["pretrain_dataset"] = pre_ds
-        return spec
+        return eval_spec(self.cfg, method, self.n_pretrain)
 
     # ------------------------------------------------------------------------------- stages
     def run(self) -> list[Row]:
@@ -192,10 +207,7 @@ class Pipeline:
         c = self.cfg
         os.makedirs(out_dir, exist_ok=True)
         cpus = pcfg.cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // max(pcfg.workers, 1))
-        loop_cfg = {"method": method, "method_cfg": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                    "backbone": to_dict(c.backbone), "dataset": c.run.pretrain_dataset(),
-                    "dataset_cfg": to_dict(c.data[c.run.pretrain_dataset()]), "seed": c.run.seed, "out_dir": out_dir}
-        loop_cfg["pretrain"]["cpus_per_worker"] = cpus
+        loop_cfg = loop_config(c, method, pcfg, out_dir, cpus)
         trainer = TorchTrainer(
             train_loop, train_loop_config=loop_cfg,
             scaling_config=ScalingConfig(num_workers=pcfg.workers, use_gpu=pcfg.gpu,
@@ -258,13 +270,14 @@ class Pipeline:
         if pending:
             spec = self._spec(None if method == BASELINE else method)
             use_gpu = c.pretrain.gpu
-            cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+            cpus = _largest_node_cpus()
             remote = ray.remote(num_cpus=cpus if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(evaluate_method)
             with self.console.status(f"  evaluating [bold]{method}[/bold] on {', '.join(pending)}"):
                 try:
                     ray.get(remote.remote(method, final, pending, spec, out_dir, use_gpu, cpus))
                 except Exception as exc:
                     raise BenchError(f"evaluation of '{method}' failed: {_root_cause(exc)}") from None
+        self._feature_figure(method, final, out_dir)
         self.timings.add(f"eval_{method}", time.perf_counter() - t0)
         rows = []
         for task in c.run.tasks:
@@ -276,6 +289,8 @@ class Pipeline:
                 self.tracker.log_params(rid, {"task": to_dict(c.tasks[task])})
                 self.tracker.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items()
                                                if isinstance(v, (int, float))})
+                # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
+                self.tracker.log_metrics(rid, {f"{task}_{res['primary']}": res["metrics"].get(res["primary"])})
                 if res.get("per_class"):
                     names = DATASETS.get(c.run.eval_dataset()).class_names
                     self.tracker.client.log_dict(rid, {"class_names": list(names), **res["per_class"]},
@@ -283,10 +298,27 @@ class Pipeline:
                 for fname, fpath in res.get("figures", {}).items():
                     if os.path.exists(fpath):
                         self.tracker.log_artifact(rid, fpath, "figures")
+                if os.path.exists(os.path.join(out_dir, "features_pca.png")):
+                    self.tracker.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
                 self.tracker.finish(rid)
             rows.append(Row(method=method, task=task, metrics=res["metrics"], primary=res["primary"],
                             dataset=c.run.eval_dataset(), backbone=c.backbone.name, protocol=res["protocol"], run=rid))
         return rows
+
+    def _feature_figure(self, method: str, final: str | None, out_dir: str) -> None:
+        """PCA-to-RGB picture of the method's dense features (bench.figures), drawn where evaluations run."""
+        if os.path.exists(os.path.join(out_dir, "features_pca.png")):
+            return
+        import ray
+
+        from bench.figures import method_feature_figure
+
+        use_gpu = self.cfg.pretrain.gpu
+        remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(method_feature_figure)
+        try:
+            ray.get(remote.remote(method, final, self._spec(None if method == BASELINE else method), out_dir, use_gpu))
+        except Exception as exc:  # a picture is not worth failing a benchmark for: say so and go on
+            self.console.print(f"  [yellow]{method}: feature picture skipped ({_root_cause(exc)})[/yellow]")
 
     def finish(self, rows: list[Row]) -> None:
         from bench.leaderboard import to_frame, to_markdown
@@ -295,12 +327,29 @@ class Pipeline:
         df = to_frame(rows)
         self.tracker.log_table(self.parent, df, "leaderboard.json")
         self.tracker.log_text(self.parent, to_markdown(rows), "leaderboard.md")
+        from bench.figures import grid_from_npz
+
+        methods = list(dict.fromkeys(r.method for r in rows))
+        grid = grid_from_npz({m: os.path.join(self.run_dir, m, "features_pca.npz") for m in methods},
+                             title=f"PCA of dense features, {self.cfg.run.eval_dataset()} val")
+        if grid:
+            path = os.path.join(self.run_dir, "features_pca.png")
+            ckpt.atomic_write_bytes(path, lambda fh: fh.write(grid))
+            self.tracker.log_artifact(self.parent, path)
         for r in rows:
             self.tracker.log_metrics(self.parent, {f"{r.method}/{r.task}/{r.primary}": r.metrics.get(r.primary)})
         paths = export(rows, self.results_dir, self.run_id)
         self.tracker.finish(self.parent)
         self.console.print(f"[dim]leaderboard written to {', '.join(paths)}; MLflow run {self.parent} "
                            f"(experiment '{self.cfg.tracking.experiment}', {self.tracker.uri})[/dim]")
+
+
+def _largest_node_cpus() -> int:
+    """CPUs of the biggest alive node: a single task cannot span nodes."""
+    import ray
+
+    sizes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max([1] + sizes)
 
 
 def _root_cause(exc: BaseException) -> str:

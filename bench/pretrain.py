@@ -151,12 +151,8 @@ def train_loop(loop_config: dict) -> dict:
     groups = method.param_groups()
     trainable = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, pcfg)
-    model = method
-    if world > 1:
-        import ray.train.torch as rtt
-
-        model = rtt.prepare_model(method, move_to_device=False,
-                                  parallel_strategy_kwargs={"find_unused_parameters": True})
+    _record_worker(out_dir, rank, world)
+    model = wrap_data_parallel(method, world)
 
     total = schedule.total_steps
     spe = schedule.steps_per_epoch
@@ -183,6 +179,11 @@ def train_loop(loop_config: dict) -> dict:
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         _truncate_metrics(metrics_path, start)
+    proxy = None  # held-out proxy score for ASHA (bench/proxy.py); off unless pretrain.proxy_every > 0
+    if pcfg.proxy_every > 0 and rank == 0:
+        from bench.proxy import Proxy
+
+        proxy = Proxy.from_loop_config(loop_config, pcfg)
 
     method.train()
     step = start
@@ -209,13 +210,17 @@ def train_loop(loop_config: dict) -> dict:
             method.after_step(step)
             step += 1
             n_window += 1
-            if step % pcfg.log_every == 0 or step == total:
+            proxy_now = pcfg.proxy_every > 0 and (step % pcfg.proxy_every == 0 or step == total)
+            if step % pcfg.log_every == 0 or step == total or proxy_now:
                 now = time.perf_counter()
                 images_per_s = n_window * pcfg.batch_size / max(now - t_window, 1e-9)
                 t_window, n_window = now, 0
                 last = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": float(lrs[step - 1]),
                         "wd": float(wds[step - 1]), "grad_norm": float(grad_norm), "images_per_s": images_per_s}
                 last.update({k: float(v) for k, v in out.items() if k != "loss" and _is_number(v)})
+                if proxy is not None and proxy_now:
+                    last.update(proxy.metrics(method, device))
+                    t_window = time.perf_counter()  # the proxy's time is not training throughput
                 if rank == 0:
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(last) + "\n")
@@ -231,6 +236,34 @@ def train_loop(loop_config: dict) -> dict:
         ckpt.prune(ckpt_dir, keep=0)
     return {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
             "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall}
+
+
+def wrap_data_parallel(method, world: int):
+    """DDP (through Ray Train) when there are several workers; SyncBN first where the method asks for it."""
+    if world <= 1:
+        return method
+    import ray.train.torch as rtt
+
+    model = method
+    if getattr(method, "sync_bn", False):  # batch statistics over the global batch, as the reference
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    # unused parameters are legitimate here (e.g. a teacher-only branch, frozen prototypes)
+    return rtt.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def _record_worker(out_dir: str, rank: int, world: int) -> None:
+    """Where each rank runs (node, pid): lets tests and users check placement across nodes."""
+    import socket
+
+    node = ""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    ckpt.save_json({"rank": rank, "world": world, "pid": os.getpid(), "node_id": node,
+                    "host": socket.gethostname()}, os.path.join(out_dir, "workers", f"rank_{rank}.json"))
 
 
 def _is_number(v) -> bool:

@@ -110,10 +110,9 @@ class CLoVEConfig:
         if self.proj_dim < 1 or self.proj_hidden_dim < 1:
             raise BenchError(f"{where}: proj_dim and proj_hidden_dim must be positive")
         for name in ("global_scale", "local_scale"):
-            lo, hi = (list(getattr(self, name)) + [0, 0])[:2]
-            if len(getattr(self, name)) != 2 or not 0 < lo <= hi <= 1:
-                raise BenchError(f"{where}.{name}: expected (min, max) with 0 < min <= max <= 1, "
-                                 f"got {getattr(self, name)}")
+            val = tuple(getattr(self, name))
+            if len(val) != 2 or not 0 < val[0] <= val[1] <= 1:
+                raise BenchError(f"{where}.{name}: expected (min, max) with 0 < min <= max <= 1, got {val}")
         if self.eval_branch not in ("online", "momentum"):
             raise BenchError(f"{where}.eval_branch: expected 'online' or 'momentum', got '{self.eval_branch}'")
 

@@ -35,10 +35,10 @@ Deviations (each also noted where it happens):
 * Seeds are drawn with Gumbel top-k from per-sample noise seeded by (run, step, sample index) rather than
   ``torch.multinomial`` on the global generator: the same distribution, but reproducible on resume and
   independent of how the batch is split over workers.
-* Data parallel only (one process is the reference): the cost's min–max normalisation, the mean [CLS] norm and
-  the centroid loss's normalisation use all-reduced statistics (global min/max, global mean norm, global number
-  of valid centroids), so W workers compute what one process computes on the global batch; the reference uses
-  per-GPU values.
+* Data parallel only (one process is the reference): the cost's min–max normalisation, the mean [CLS] norm
+  (differentiably) and the centroid loss's normalisation use all-reduced statistics (global min/max, global mean
+  norm, global number of valid centroids), so W workers compute the loss and gradient one process computes on
+  the global batch; the reference uses per-GPU values.
 * Edge cases the reference crashes on (no valid centroid in the batch, B·h = 1) give a zero centroid loss here.
 """
 

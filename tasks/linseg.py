@@ -29,18 +29,26 @@ from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, summarize
 
 PRESETS = {
-    # native 96-px synthetic scenes; train at half label resolution, evaluate at full resolution
-    "synthetic": dict(input_size=0, train_mask_size=48, eval_mask_size=0, epochs=25, drop_at=20, lr=0.05,
-                      batch_size=64, augment=False),
+    # native 96-px synthetic scenes; train at half label resolution, evaluate at full resolution. Features are
+    # standardised per channel (train-set mean/std, a fixed affine map, so the probe stays linear) so that one
+    # learning rate serves every backbone: short CPU runs leave feature scales that differ by orders of magnitude.
+    "synthetic": dict(input_size=0, train_mask_size=48, eval_mask_size=0, epochs=25, drop_at=20, lr=0.1,
+                      batch_size=64, augment=False, standardize=True),
     # protocols.md §1.3-1.5 (ViT-S/16 DINO/Leopart lr 0.01; use lr=0.1 for ResNet-50 MoCo-style backbones)
     "leopart": dict(input_size=448, train_mask_size=100, eval_mask_size=448, epochs=25, drop_at=20, lr=0.01,
-                    batch_size=60, augment=True),
+                    batch_size=60, augment=True, standardize=False),
+    # the same protocol with Leopart's other per-backbone learning rates (§1.5): 0.1 for MoCo-v2 / DenseCL /
+    # MaskContrast ResNet-50, MAE ViT-B/16 and Leopart ViT-B/8; 1.0 for MoCo-v3 ViT-S
+    "leopart_r50": dict(input_size=448, train_mask_size=100, eval_mask_size=448, epochs=25, drop_at=20, lr=0.1,
+                        batch_size=60, augment=True, standardize=False),
+    "leopart_mocov3": dict(input_size=448, train_mask_size=100, eval_mask_size=448, epochs=25, drop_at=20, lr=1.0,
+                           batch_size=60, augment=True, standardize=False),
 }
 
 
 @dataclass
 class LinsegConfig:
-    preset: str = "synthetic"  # synthetic | leopart; every field left unset takes the preset's value
+    preset: str = "synthetic"  # synthetic | leopart | leopart_r50 | leopart_mocov3; unset fields take the preset's
     input_size: Optional[int] = None  # square input side; 0 = the dataset's native size
     train_mask_size: Optional[int] = None  # label/logit side during training; 0 = input size
     eval_mask_size: Optional[int] = None  # side at evaluation; 0 = the ground truth's native size
@@ -49,6 +57,7 @@ class LinsegConfig:
     lr: Optional[float] = None
     batch_size: Optional[int] = None
     augment: Optional[bool] = None
+    standardize: Optional[bool] = None  # per-channel train-set standardisation of the frozen features
     momentum: float = 0.9
     weight_decay: float = 1e-4
     max_train_images: int = 0  # 0 = the whole train split
@@ -139,6 +148,12 @@ class LinearSegmentation(Task):
                 cache.append((feats(img).half().cpu(), _resize_mask(mask, cfg.train_mask_size)))
         probe_dim = (cache[0][0].shape[1] if cache else
                      feats(next(_batches(data.train, train_idx[:1], 1, cfg.input_size))[0]).shape[1])
+        mean = torch.zeros(1, probe_dim, 1, 1, device=device)
+        std = torch.ones(1, probe_dim, 1, 1, device=device)
+        if cfg.standardize:
+            mean, std = self._moments(cache, data.train, train_idx, cfg, feats, device)
+            cache = [((f.to(device).float() - mean) / std, m) for f, m in cache]
+            cache = [(f.half().cpu(), m) for f, m in cache]
         torch.manual_seed(cfg.seed)
         head = nn.Conv2d(probe_dim, C, kernel_size=1).to(device)
         opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -151,6 +166,8 @@ class LinearSegmentation(Task):
                 order = torch.randperm(len(cache), generator=gen).tolist()
                 stream = ((cache[i][0].to(device).float(), cache[i][1].to(device)) for i in order)
             for f, m in stream:
+                if cfg.augment and cfg.standardize:
+                    f = (f - mean) / std
                 size = m.shape[-2:]
                 logits = F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
                 loss = F.cross_entropy(logits, m.to(device), ignore_index=IGNORE_INDEX)
@@ -161,21 +178,42 @@ class LinearSegmentation(Task):
         cache.clear()
 
         conf = torch.zeros(C, C, dtype=torch.long)
+        shown = None  # the first val images with their labels and predictions, for the figure
         head.eval()
         with torch.no_grad():
             for img, mask in _batches(data.val, list(range(len(data.val))), cfg.batch_size, cfg.input_size):
                 out_size = cfg.eval_mask_size or mask.shape[-1]
                 mask = _resize_mask(mask, cfg.eval_mask_size)
-                logits = F.interpolate(head(feats(img)), size=mask.shape[-2:] if not cfg.eval_mask_size
+                logits = F.interpolate(head((feats(img) - mean) / std), size=mask.shape[-2:] if not cfg.eval_mask_size
                                        else (out_size, out_size), mode="bilinear", align_corners=False)
-                conf += confusion_matrix(logits.argmax(1).cpu(), mask, C)
+                pred = logits.argmax(1).cpu()
+                conf += confusion_matrix(pred, mask, C)
+                if shown is None:
+                    shown = (img[:4], mask[:4], pred[:4])
         res = summarize(conf.numpy())
         per_class = res.pop("per_class_iou")
-        protocol = (f"linseg[{cfg.preset}]: frozen features, 1x1 conv, CE ignore 255, SGD lr {cfg.lr} m {cfg.momentum} "
+        protocol = (f"linseg[{cfg.preset}]: frozen features{' (standardised)' if cfg.standardize else ''}, 1x1 conv, CE ignore 255, SGD lr {cfg.lr} m {cfg.momentum} "
                     f"wd {cfg.weight_decay}, {cfg.epochs} ep (x0.1 at {cfg.drop_at}), input {cfg.input_size or 'native'}, "
                     f"train mask {cfg.train_mask_size or 'input'}, eval mask {cfg.eval_mask_size or 'native'}, "
                     f"{n_train} train / {len(data.val)} val images")
-        return TaskResult(metrics=res, per_class={"iou": per_class}, protocol=protocol)
+        figures = {}
+        if shown is not None:
+            from bench.figures import prediction_figure
+
+            title = f"linseg: linear probe predictions, {data.name} val (mIoU {res['miou']:.1f})"
+            figures["predictions.png"] = prediction_figure(*shown, data.class_names, title=title)
+        return TaskResult(metrics=res, per_class={"iou": per_class}, protocol=protocol, figures=figures)
+
+    @staticmethod
+    def _moments(cache, dataset, indices, cfg, feats, device):
+        """Per-channel mean and std (1×C×1×1) of the frozen training features."""
+        if cache:
+            chunks = [f.float() for f, _ in cache]
+        else:
+            chunks = [feats(img).cpu() for img, _ in _batches(dataset, indices[:256], cfg.batch_size, cfg.input_size)]
+        flat = torch.cat([c.permute(1, 0, 2, 3).reshape(c.shape[1], -1) for c in chunks], dim=1)
+        mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
+        return mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
 
     def _augmented(self, dataset, indices, cfg, gen, feats):
         for start in range(0, len(indices), cfg.batch_size):
@@ -183,6 +221,10 @@ class LinearSegmentation(Task):
             for i in indices[start:start + cfg.batch_size]:
                 item = dataset[i]
                 img, mask = _augment_pair(item["image"], item["mask"], cfg.input_size, gen)
+                if imgs and img.shape != imgs[0].shape:  # native sizes that differ (input_size=0): no padding
+                    yield feats(torch.stack(imgs)), _resize_mask(torch.stack(masks), cfg.train_mask_size)
+                    imgs, masks = [], []
                 imgs.append(img)
                 masks.append(mask)
-            yield feats(torch.stack(imgs)), _resize_mask(torch.stack(masks), cfg.train_mask_size)
+            if imgs:
+                yield feats(torch.stack(imgs)), _resize_mask(torch.stack(masks), cfg.train_mask_size)

@@ -170,12 +170,24 @@ def cluster_views(keys: torch.Tensor, cls_keys: torch.Tensor, positions: torch.T
     return ClusterResult(weights=weights, valid=valid, n_clusters=chosen, costs=costs_t)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over workers whose backward is again a sum over workers, so that the data-parallel average of the
+    workers' gradients equals the one-process gradient of a loss that uses a global statistic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.clone())
+
+
 def global_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of a 1-D tensor over every worker's entries. The value is the global mean; the gradient flows
-    through this worker's entries only (a plain mean in one process)."""
-    local = values.sum()
-    stats = all_reduce_sum(torch.stack([local.detach().float(), values.new_tensor(float(values.numel()))]))
-    return (local + (stats[0] - local.detach())) / stats[1]
+    """Mean of a 1-D tensor over every worker's entries (differentiable; a plain mean in one process)."""
+    count = values.new_tensor(float(values.numel())).detach()
+    stats = _AllReduceSum.apply(torch.stack([values.sum(), count]))
+    return stats[0] / stats[1]
 
 
 def view_centroids(tokens: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor

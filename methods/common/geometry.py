@@ -81,3 +81,22 @@ def pixpro_positive_mask(boxes_q: torch.Tensor, flips_q: torch.Tensor, grid_q: t
     With T_pos = 0.7 < 1/√2, two views with the same box and grid match cell-to-cell only (identity mask).
     """
     return relative_center_distance(boxes_q, flips_q, grid_q, boxes_k, flips_k, grid_k, sizes) < t_pos
+
+
+def boxes_in_crop(region: torch.Tensor, crop_boxes: torch.Tensor, crop_size: tuple[int, int],
+                  flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Source-pixel boxes ``region`` B×4 -> the same boxes in the pixel coordinates of crops B×4 (x0, y0, x1, y1)
+    resized to ``crop_size`` (h, w), mirrored where ``flips`` (B bool) is set. Divide by the patch size for token
+    units (``roi_align(..., aligned=True)`` uses the same continuous convention: cell j covers [j, j+1))."""
+    h, w = crop_size
+    region, crop_boxes = region.float(), crop_boxes.float()
+    sx = w / (crop_boxes[:, 2] - crop_boxes[:, 0])
+    sy = h / (crop_boxes[:, 3] - crop_boxes[:, 1])
+    x0 = (region[:, 0] - crop_boxes[:, 0]) * sx
+    x1 = (region[:, 2] - crop_boxes[:, 0]) * sx
+    y0 = (region[:, 1] - crop_boxes[:, 1]) * sy
+    y1 = (region[:, 3] - crop_boxes[:, 1]) * sy
+    if flips is not None:
+        f = flips.to(region.device).bool()
+        x0, x1 = torch.where(f, w - x1, x0), torch.where(f, w - x0, x1)
+    return torch.stack([x0, y0, x1, y1], dim=-1)

@@ -63,7 +63,7 @@ def dataset_to_coco(dataset, indices: Optional[Iterable[int]] = None, thing_clas
     for index in (range(len(dataset)) if indices is None else indices):
         item = dataset[index]
         h, w = item["image"].shape[-2:]
-        image_id = int(item.get("image_id", index + 1))
+        image_id = int(dataset.image_id(index) if hasattr(dataset, "image_id") else item.get("image_id", index + 1))
         images.append({"id": image_id, "width": int(w), "height": int(h), "file_name": f"{image_id:012d}.png"})
         for inst in item.get("instances", []):
             ann = instance_to_annotation(inst, image_id, len(annotations) + 1)
@@ -127,7 +127,8 @@ def coco_evaluate(gt: COCO, results: dict[str, list[dict]], iou_types: Sequence[
     """(metrics, raw stats, printed text).
 
     metrics: ``{"bbox_AP": 70.3, "bbox_AP50": ..., "segm_AP": ...}`` in percent (stats·100, -1 -> NaN),
-    in ``STAT_NAMES`` order per IoU type; raw: ``{iou_type: the 12 stats exactly as pycocotools computed}``;
+    in ``STAT_NAMES`` order per IoU type; raw: ``{iou_type: the 12 stats exactly as pycocotools computed,
+    "<iou_type>_precision": the accumulated T×R×K×A×M precision array}``;
     text: what ``evaluate`` / ``accumulate`` / ``summarize`` printed.
     """
     metrics: dict = {}
@@ -145,6 +146,7 @@ def coco_evaluate(gt: COCO, results: dict[str, list[dict]], iou_types: Sequence[
             evaluator.summarize()
         stats = [float(s) for s in evaluator.stats]
         raw[iou_type] = stats
+        raw[f"{iou_type}_precision"] = evaluator.eval["precision"]  # T×R×K×A×M, -1 = undefined
         for name, value in zip(STAT_NAMES, stats):
             metrics[f"{iou_type}_{name}"] = math.nan if value < 0 else value * 100.0
     return metrics, raw, printed.getvalue()

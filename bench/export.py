@@ -1,0 +1,143 @@
+"""``bench export --format detectron2 --run RUN --method NAME -o model.pkl``.
+
+Reads ``<storage>/<run>/<method>/final.pt`` (``random-init``: the untrained backbone of seed ``run.seed``),
+takes the method's evaluation backbone (``Method.eval_backbone()``, e.g. DINO's teacher) and writes:
+
+- ResNets: ``model.pkl``, the detectron2 weights pickle of protocols.md §3.1 (``{"model", "__author__",
+  "matching_heuristics": True}``, detectron2 key names, NumPy arrays); next to it one YAML config per
+  detectron2 family (``model.<family>.yaml``: R50-C4 and R50-FPN 1x COCO, Cityscapes R50-FPN, VOC C4, each
+  with the §3.2 overrides and ``MODEL.WEIGHTS`` pointing at the pickle; C4 families only for depth >= 50)
+  and a launch script per config (``model.<family>.sh``).
+- patch-16 ViTs: the ViTDet weights pickle (§3.7), a LazyConfig ``model.vitdet_mask_rcnn.py`` and its
+  launch script. Other ViTs: a clear error (detectron2's simple feature pyramid needs patch 16).
+
+The backbone architecture is ``--backbone`` when given, else inferred from the checkpoint: the registered
+backbone whose tensor names and shapes equal the evaluation backbone's tensors in ``final.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import torch
+
+from bench import checkpoint as ckpt
+from bench.backbones import DenseBackbone, create_backbone
+from bench.errors import BenchError
+
+FORMATS = ("detectron2",)
+BASELINE = "random-init"
+
+
+def _eval_prefix(method_obj) -> str:
+    target = method_obj.eval_backbone()
+    for name, module in method_obj.named_modules():
+        if module is target:
+            return name + "." if name else ""
+    raise BenchError("export: the method's eval_backbone() is not one of its submodules")
+
+
+def _backbone_shapes(name: str) -> dict:
+    with torch.device("meta"):
+        model = create_backbone(name).model
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def infer_backbone(state: dict, prefix: str) -> str:
+    """The registered backbone whose ``model.*`` tensors match ``state[prefix + 'model.*']`` exactly."""
+    from bench.registry import BACKBONES
+
+    sub = {k[len(prefix) + len("model."):]: tuple(v.shape) for k, v in state.items()
+           if k.startswith(prefix + "model.")}
+    for name in BACKBONES.names():
+        if _backbone_shapes(name) == sub:
+            return name
+    raise BenchError(f"export: the checkpoint's backbone ({len(sub)} tensors) matches no registered backbone; "
+                     f"pass --backbone NAME")
+
+
+def load_eval_backbone(storage: str, run_id: str, method: str, backbone: str | None, cfg) -> DenseBackbone:
+    """The trained evaluation backbone of ``method`` in run ``run_id`` (CPU, eval mode)."""
+    from bench.pretrain import build_method, plan_schedule
+
+    run_dir = os.path.join(storage, run_id)
+    if not os.path.isdir(run_dir):
+        raise BenchError(f"--run {run_id}: {run_dir} not found (--storage {storage})")
+    if method == BASELINE:
+        torch.manual_seed(cfg.run.seed)  # the same untrained weights as the run's random-init row
+        return create_backbone(backbone or cfg.backbone.name).eval()
+    final = os.path.join(run_dir, method, "final.pt")
+    if not os.path.isfile(final):
+        done = sorted(d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "final.pt")))
+        raise BenchError(f"--method {method}: {final} not found; finished pretrainings in run {run_id}: "
+                         f"{', '.join(done) or 'none'}")
+    state = ckpt.load_torch(final)
+    name = state.get("method", method)
+    if name != method:
+        raise BenchError(f"--method {method}: {final} holds method '{name}'")
+    from bench.config import BackboneConfig, to_dict
+
+    pcfg = cfg.pretrain_for(method)
+    schedule = plan_schedule(pcfg, max(pcfg.batch_size, 1), 1)
+    method_cfg = to_dict(cfg.methods[method]) if method in cfg.methods else {}
+    probe = build_method(method, method_cfg, BackboneConfig(name=cfg.backbone.name), schedule)
+    prefix = _eval_prefix(probe)
+    weights = state["method_state"]
+    backbone = backbone or infer_backbone(weights, prefix)
+    target = create_backbone(backbone)
+    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    expected = target.state_dict()
+    bad = [k for k in expected if k not in sub or tuple(sub[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise BenchError(f"--backbone {backbone}: does not match the checkpoint ({len(bad)} tensors differ, e.g. "
+                         f"'{bad[0]}'); use the backbone the run was trained with")
+    target.load_state_dict({k: sub[k] for k in expected})
+    return target.eval()
+
+
+def _write_text(path: str, text: str, executable: bool = False) -> None:
+    ckpt.atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+    if executable:
+        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def export_detectron2(backbone: DenseBackbone, output: str, gpus: int = 8) -> list[str]:
+    """Write the pickle, the configs and the launch scripts; returns the written paths."""
+    from tasks.detection import d2_config, d2_convert
+
+    model, facts = d2_convert.backbone_to_d2(backbone)
+    output = os.path.abspath(output)
+    stem = output[:-4] if output.endswith(".pkl") else output
+    if facts["kind"] == "vit":
+        config_text = d2_config.vitdet_config_py(output, facts)  # raises for non-16 patches before writing
+    d2_convert.write_pickle(model, output)
+    written = [output]
+    if facts["kind"] == "vit":
+        cfg_path = f"{stem}.vitdet_mask_rcnn.py"
+        _write_text(cfg_path, config_text)
+        sh = f"{stem}.vitdet_mask_rcnn.sh"
+        _write_text(sh, d2_config.launch_script(cfg_path, gpus, lazy=True), executable=True)
+        return written + [cfg_path, sh]
+    for family in d2_config.FAMILIES:
+        if "C4" in family and facts["depth"] < 50:
+            continue
+        cfg = d2_config.detectron2_config(family, output, facts["depth"], facts["res2_out_channels"])
+        cfg_path = f"{stem}.{family}.yaml"
+        d2_config.dump_yaml(cfg, cfg_path, header=f"# detectron2 {family} for {os.path.basename(output)} "
+                                                  f"(ResNet-{facts['depth']}), written by bench export")
+        sh = f"{stem}.{family}.sh"
+        _write_text(sh, d2_config.launch_script(cfg_path, gpus), executable=True)
+        written += [cfg_path, sh]
+    return written
+
+
+def export(fmt: str, storage: str, run_id: str, method: str, output: str, backbone: str | None, cfg,
+           gpus: int = 8) -> list[str]:
+    if fmt not in FORMATS:
+        raise BenchError(f"--format {fmt}: unknown; valid: {', '.join(FORMATS)}")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise BenchError(f"-o {output}: folder {folder} does not exist")
+    net = load_eval_backbone(storage, run_id, method, backbone, cfg)
+    return export_detectron2(net, output, gpus)

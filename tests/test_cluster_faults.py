@@ -1,0 +1,123 @@
+"""Multi-node submission and fault tolerance on real local Ray clusters (slow: each starts its own Ray)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import tiny_argv
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_a_two_node_cluster_places_workers_on_both_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    dash = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        storage, results = tmp_path / "runs", tmp_path / "results"
+        cmd = [sys.executable, "-m", "bench", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
+               "run", "--methods", "dino", "--tasks", "linseg", "--workers", "2", "--run-id", "mn",
+               "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}",
+               "--set", f"run.results_dir={results}", "--set", "pretrain.cpus_per_worker=1"] + tiny_argv()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "submitted job" in proc.stdout and "SUCCEEDED" in proc.stdout
+        assert "Leaderboard" in proc.stdout and "random-init" in proc.stdout
+        placed = [json.loads((storage / "mn" / "dino" / "workers" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+        assert {p["world"] for p in placed} == {2}
+        assert placed[0]["node_id"] != placed[1]["node_id"]  # one worker per node
+        assert (results / "mn.md").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()  # only the processes this test started
+
+
+def test_killed_training_worker_resumes_from_checkpoint(tmp_path, monkeypatch):
+    from bench.config import load_config
+    from bench.pipeline import Pipeline
+    from bench.pretrain import read_metrics
+
+    monkeypatch.chdir(tmp_path)
+    sets = ["pretrain.epochs=1", "pretrain.steps_per_epoch=12", "pretrain.batch_size=8", "pretrain.log_every=1",
+            "pretrain.checkpoint_every=3", "pretrain.max_failures=2", "data.synthetic.num_train=64",
+            "data.synthetic.num_val=8", "tasks.linseg.epochs=1", "run.baseline=false"]
+    cfg = load_config(None, sets, {"run": {"methods": ["dino"], "tasks": ["linseg"], "run_id": "kill"}})
+    pipe = Pipeline(cfg, progress=False)
+    out_dir = tmp_path / "bench_runs" / "kill" / "dino"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            rows = read_metrics(str(out_dir))
+            if rows and rows[-1]["step"] >= 5:
+                pid = json.loads((out_dir / "workers" / "rank_0.json").read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed["at"] = rows[-1]["step"]
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        rows = pipe.run()
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert killed, "the worker was never killed"
+    steps = [r["step"] for r in read_metrics(str(out_dir))]
+    assert steps == list(range(1, 13))  # resumed, completed, no step logged twice
+    assert (out_dir / "final.pt").exists()
+    assert not list((out_dir / "checkpoints").glob(".tmp-*"))
+    runs = pipe.tracker.find_runs("tags.`bench.run_id` = 'kill'")
+    assert sorted(r.data.tags["bench.kind"] for r in runs) == ["eval", "pretrain", "run"]
+    pre = [r for r in runs if r.data.tags["bench.kind"] == "pretrain"][0]
+    assert pre.data.metrics["pretrain/steps"] == 12
+    assert 0 < pre.data.metrics["pretrain/resumed_from"] <= killed["at"]
+    assert len(rows) == 1
+
+
+def test_interrupted_driver_rerun_skips_finished_stages(tmp_path):
+    argv = [sys.executable, "-m", "bench", "run", "--methods", "dino", "--tasks", "linseg", "--run-id", "drv",
+            "--no-progress"] + tiny_argv()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    final = tmp_path / "bench_runs" / "drv" / "dino" / "final.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline and not final.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert final.exists()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C once pretraining is done, during evaluation
+    out, _ = proc.communicate(timeout=120)
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "already finished" in again.stdout and "Leaderboard" in again.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("bench")
+    runs = client.search_runs([exp.experiment_id])
+    kinds = sorted(r.data.tags["bench.kind"] for r in runs)
+    assert kinds == ["eval", "eval", "pretrain", "run"]  # nothing duplicated
+    assert all(r.info.status == "FINISHED" for r in runs)

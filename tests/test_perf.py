@@ -1,0 +1,45 @@
+"""`bench perf` runs on tiny sizes and writes a well-formed report (never a speed assertion)."""
+
+import json
+
+import pytest
+
+from bench.errors import BenchError
+from bench.perf import run_perf
+
+
+def test_perf_tiny_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "perf"
+    report = run_perf(["sinkhorn", "kmeans", "data"], ["dino"], str(out), tiny=True)
+    data = json.loads((tmp_path / "perf.json").read_text())
+    assert data["env"]["torch"] and data["env"]["device"]
+    assert {"sinkhorn", "kmeans", "data"} == set(data["results"])
+    swav, croc = data["results"]["sinkhorn"]
+    for row in (swav, croc):
+        assert row["ours_s"] > 0 and row["pot_s"] > 0 and row["speedup"] > 0
+    # same algorithm, same iterations, same final scaling: the prototype-marginal errors agree
+    assert abs(swav["ours_marginal_err"] - swav["pot_marginal_err"]) < 1e-6
+    # the batched plan and POT per problem: both within the same small error after 5 iterations
+    assert croc["ours_marginal_err"] < 0.5 and croc["pot_marginal_err"] < 0.5
+    for row in data["results"]["kmeans"]:
+        assert 0.9 < row["inertia_ratio"] < 1.1
+    (row,) = data["results"]["data"]
+    assert row["method"] == "dino" and row["bottleneck"] in ("data", "model")
+    md = (tmp_path / "perf.md").read_text()
+    assert "## sinkhorn" in md and "## kmeans" in md and "Environment:" in md
+    assert report["results"]["data"][0]["step_images_per_s"] > 0
+
+
+def test_unknown_benchmark_is_one_line(tmp_path):
+    with pytest.raises(BenchError, match="--only: unknown benchmark gpu"):
+        run_perf(["gpu"], ["dino"], str(tmp_path / "p"), tiny=True)
+
+
+@pytest.mark.slow
+def test_perf_ray_and_headline_tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = run_perf(["ray", "headline"], ["dino"], str(tmp_path / "perf"), tiny=True)
+    (row,) = report["results"]["ray"]
+    assert row["ratio"] > 0 and row["direct_images_per_s"] > 0
+    phases = report["results"]["headline"]["phases_s"]
+    assert {"ray_start", "pretrain_dino", "eval_dino", "logging", "total"} <= set(phases)
