@@ -123,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference file (default results/reference.yaml; implies --with-reference)")
     _add_common(lb)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, opened on the leaderboard's experiment")
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, opened on the leaderboards")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
     ui.add_argument("--no-browser", action="store_true", help="only print the address")
+    ui.add_argument("--screenshot", metavar="FILE.png",
+                    help="save the newest leaderboard page (headless Chromium) and exit")
     _add_common(ui)
 
     data = sub.add_parser("data", help="inspect a dataset: `data check --data NAME` (counts, class histogram)")
@@ -240,7 +242,8 @@ def cmd_leaderboard(args) -> int:
 def cmd_ui(args) -> int:
     from bench.ui import serve
 
-    return serve(args.tracking_uri, args.experiment or "bench", args.port, args.host, not args.no_browser)
+    return serve(args.tracking_uri, args.experiment or "bench", args.port, args.host, not args.no_browser,
+                 args.screenshot)
 
 
 def cmd_data(args) -> int:
@@ -329,7 +332,11 @@ def cmd_tune(args) -> int:
             over.setdefault("tracking", {})["uri"] = args.tracking_uri
         if args.experiment is not None:
             over.setdefault("tracking", {})["experiment"] = args.experiment
-        out = resume_search(args.resume, args.storage or RunSection().storage, over)
+        try:
+            out = resume_search(args.resume, args.storage or RunSection().storage, over)
+        except KeyboardInterrupt:
+            print(f"error: interrupted; continue with: python -m bench tune --resume {args.resume}", file=sys.stderr)
+            return 130
     else:
         if not args.method:
             raise BenchError("--method: required, the method to tune (e.g. --method croc); or --resume NAME")
@@ -339,9 +346,14 @@ def cmd_tune(args) -> int:
                            trials=16 if args.trials is None else args.trials, space=list(args.space),
                            space_only=args.space_only, concurrent=args.concurrent or 0, name=args.name or "",
                            reduction_factor=args.reduction_factor or 2, asha=not args.no_asha)
+        from bench import plugins
+        from bench.registry import METHODS, TASKS
         from bench.tune import check_options
 
         check_options(opts)
+        plugins.load_all()
+        METHODS.validate([opts.method], "--method")
+        TASKS.validate([opts.task], "--task")
         flags: dict = {"run": {"methods": [opts.method], "tasks": [opts.task]}}
         for section, key, value in (("run", "data", args.data), ("run", "pretrain_data", args.pretrain_data),
                                     ("run", "eval_data", args.eval_data), ("run", "storage", args.storage),
@@ -356,7 +368,11 @@ def cmd_tune(args) -> int:
             raise BenchError(f"--init {cfg.backbone.init}: file not found")
         if cfg.pretrain.workers < 1:
             raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
-        out = new_search(cfg, opts)
+        try:
+            out = new_search(cfg, opts)
+        except KeyboardInterrupt:
+            print(f"error: interrupted; continue with: python -m bench tune --resume {opts.name}", file=sys.stderr)
+            return 130
     if out["interrupted"]:
         return 130
     return 0

@@ -64,7 +64,7 @@ def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec:
         else:
             res = task_obj.evaluate(feats, data, device)
         out = {"metrics": res.metrics, "per_class": res.per_class, "protocol": res.protocol,
-               "primary": cls.primary, "figures": {}}
+               "primary": cls.primary, "figures": {}, "class_names": list(data.class_names)}
         os.makedirs(out_dir, exist_ok=True)
         for fname, png in (res.figures or {}).items():
             fpath = os.path.join(out_dir, f"{task}_{fname}")

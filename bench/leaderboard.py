@@ -74,6 +74,7 @@ def _fmt(v) -> str:
 
 def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -81,7 +82,9 @@ def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
     table = Table(title=title, title_justify="left")
     for col in df.columns:
         table.add_column(col, justify="left" if col in ("method", "dataset", "backbone", "source") else "right",
-                         style="bold" if col == "method" else None, overflow="fold" if col == "source" else None)
+                         style="bold" if col == "method" else None)
+    # the terminal shows reference sources as numbered notes under the table (CSV/markdown keep the text)
+    notes = list(dict.fromkeys(s for s in df["source"] if s != "measured")) if "source" in df.columns else []
     primaries = {f"{r.task}/{r.primary}" for r in rows}
     refs = {r.method for r in rows if is_reference(r)}
     measured = df[~df["method"].isin(refs)]
@@ -92,13 +95,13 @@ def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
         ref = line["method"] in refs
         for col in df.columns:
             text = _fmt(line[col])
+            if col == "source" and ref:
+                text = f"[{notes.index(line[col]) + 1}]"
             if col in best and line[col] == best[col] and not ref:
                 text = f"[green]{text}[/green]"
             if col == "method" and line[col] == BASELINE:
                 text = f"[dim]{text}[/dim]"
             if ref:
-                from rich.markup import escape
-
                 text = f"[dim italic]{escape(text)}[/dim italic]"
             cells.append(text)
         table.add_row(*cells, end_section=bool(refs) and i == last_measured)
@@ -108,7 +111,9 @@ def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
         console.print(f"[dim]{task}: {proto}[/dim]")
     if refs:
         console.print("[dim italic]ref: rows are published numbers (results/reference.yaml), not measured here; "
-                      "shown where dataset and protocol match. Sources in the 'source' column.[/dim italic]")
+                      "shown where dataset and protocol match. Sources:[/dim italic]")
+        for i, note in enumerate(notes, start=1):
+            console.print(f"[dim italic]  \\[{i}] {escape(note)}[/dim italic]")
 
 
 def to_markdown(rows: list[Row]) -> str:

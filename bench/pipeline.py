@@ -292,7 +292,7 @@ class Pipeline:
                 # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
                 self.tracker.log_metrics(rid, {f"{task}_{res['primary']}": res["metrics"].get(res["primary"])})
                 if res.get("per_class"):
-                    names = DATASETS.get(c.run.eval_dataset()).class_names
+                    names = res.get("class_names") or DATASETS.get(c.run.eval_dataset()).class_names
                     self.tracker.client.log_dict(rid, {"class_names": list(names), **res["per_class"]},
                                                  f"{task}_per_class.json")
                 for fname, fpath in res.get("figures", {}).items():
@@ -325,7 +325,7 @@ class Pipeline:
 
         render(rows, title=f"Leaderboard · run {self.run_id}", console=self.console)
         df = to_frame(rows)
-        self.tracker.log_table(self.parent, df, "leaderboard.json")
+        self.tracker.log_table(self.parent, df.round(2), "leaderboard.json")  # as printed; runs keep full precision
         self.tracker.log_text(self.parent, to_markdown(rows), "leaderboard.md")
         from bench.figures import grid_from_npz
 

@@ -80,6 +80,10 @@ class SeededViews(torch.utils.data.Dataset):
 def _context():
     """(rank, world, train context or None): works inside Ray Train and in a plain process."""
     try:
+        import ray
+
+        if not ray.is_initialized():  # a plain process: never start Ray just to ask
+            return 0, 1, None
         import ray.train
 
         ctx = ray.train.get_context()
@@ -246,7 +250,12 @@ def wrap_data_parallel(method, world: int):
 
     model = method
     if getattr(method, "sync_bn", False):  # batch statistics over the global batch, as the reference
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        if next(method.parameters()).is_cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        else:  # torch's SyncBatchNorm is GPU-only; the same all-reduced statistics on CPU workers
+            from methods.common.global_bn import convert_all_global_bn
+
+            model = convert_all_global_bn(method)
     # unused parameters are legitimate here (e.g. a teacher-only branch, frozen prototypes)
     return rtt.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
 
@@ -259,7 +268,8 @@ def _record_worker(out_dir: str, rank: int, world: int) -> None:
     try:
         import ray
 
-        node = ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
     except Exception:
         pass
     ckpt.save_json({"rank": rank, "world": world, "pid": os.getpid(), "node_id": node,

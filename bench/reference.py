@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench.errors import BenchError
 from bench.leaderboard import Row
@@ -39,7 +39,6 @@ class Reference:
     pretrain: str = ""
     evidence: str = ""
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_row(self, metrics: dict | None = None, primary: str = "") -> Row:
         m = dict(self.metrics if metrics is None else metrics)

@@ -80,6 +80,11 @@ class SearchSpace:
     def param_space(self) -> dict:
         return dict(self.domains)
 
+    def as_items(self) -> list[str]:
+        """The space as ``--space`` entries (with ``only=True`` they rebuild it exactly)."""
+        return [f"{k}={describe(d)}" for k, d in self.domains.items()] + \
+            [f"{k}={_fmt(v)}" for k, v in self.fixed.items()]
+
     def overrides(self, values: dict | None = None) -> dict:
         """Fixed values plus one trial's sampled ``values`` -> ``{"methods": {m: {...}}, "pretrain": {...}}``."""
         out: dict = {}
@@ -220,7 +225,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return f"{v:g}"
+        return repr(v)  # exact round trip through the parser
     return str(v)
 
 

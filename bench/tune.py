@@ -15,12 +15,17 @@ CPUs/GPUs hold); ``ASHAScheduler`` on ``proxy`` with the step as its time axis, 
 ``proxy_every`` and rungs strictly before the last step (a trial that reached the end is never stopped before
 its evaluation). Without ``--set pretrain.proxy_every`` the proxy runs every quarter of the pretraining.
 
-Files, under ``<run.storage>/tune/<name>/`` (Tune's experiment folder):
+Files, under ``<run.storage>/tune/<name>/``:
+    ray/                   Tune's experiment folder (kept apart: Tune re-uploads its folder's files on resume)
     bench_tune.json        the search's settings and config (``--resume`` rebuilds everything from it)
     mlflow_trials.json     trial id -> MLflow run id, logged steps and proxy history (resume: nothing logged twice)
     trials/<trial_id>/     the trial's pretraining (checkpoints, metrics.jsonl, final.pt), eval_<task>.json and
                            attempts.jsonl (one line per start: a finished trial is never started again)
+    train/                 Ray Train's run folders of the trials
     trials.csv, best.json  the summary; ``bench run --from-tune <name>`` reads best.json
+Resources: a trial's Tune function only drives Ray Train and reserves 0.01 CPU; its Train workers and its evaluation
+take the rest of its share (``pretrain.workers`` × ``pretrain.cpus_per_worker``). The driver frees the placement
+group of a trial that ASHA stopped (see ``release_placement_groups``).
 Resume: ``bench tune --resume <name>`` = ``Tuner.restore``: finished trials are kept, interrupted ones restart
 and continue their pretraining from its last checkpoint, the TPE sampler keeps its history, and ASHA's rungs are
 refilled from the finished trials' proxy history (Tune does not save scheduler state).
@@ -44,12 +49,19 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
 from bench import checkpoint as ckpt
 from bench.errors import BenchError
 
 STATE_FILE = "bench_tune.json"
 TRIALS_FILE = "mlflow_trials.json"
 BEST_FILE = "best.json"
+# Tune's experiment folder inside the search folder: on restore Tune copies its experiment folder to a staging
+# folder and uploads it back at every sync, which would overwrite files of ours that lived there
+TUNE_DIR = "ray"
 OBJECTIVE = "objective"
 PROXY = "proxy"
 
@@ -62,6 +74,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Logical CPUs of a trial's Tune function: it only drives Ray Train (Tune refuses 0). The Train workers and the
 # evaluation task take the rest of the trial's share, so a trial's total stays workers × cpus_per_worker.
 DRIVER_CPU = 0.01
+# A trial stopped by ASHA is killed with its Train controller; the worker group's placement group is scoped to the
+# job, and Train's own cleaner needs the State API, which cannot tell which cluster to ask when several local Ray
+# instances run on one machine (it then never frees the CPUs and the next trial waits forever). The driver removes
+# the placement groups a stopped trial recorded, a few seconds after the stop, and keeps watching for a while in
+# case the dying controller started another worker group.
+RELEASE_AFTER_S = 3.0
+RELEASE_WATCH_S = 120.0
+PG_FILE = "placement_groups.txt"
 
 
 @dataclass
@@ -118,165 +138,181 @@ def plan_resources(workers: int, cpus_per_worker: int, gpu: bool, concurrent: in
 # ------------------------------------------------------------------------------------------ Tune parts
 
 
-def _searcher_cls():
-    from ray.tune.search.optuna import OptunaSearch
+class BenchOptunaSearch(OptunaSearch):
+    """Only a trial's final result carries the objective; intermediate (proxy) results are ASHA's."""
 
-    class BenchOptunaSearch(OptunaSearch):
-        """Only a trial's final result carries the objective; intermediate (proxy) results are ASHA's."""
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
-                super().on_trial_result(trial_id, result)
-
-    return BenchOptunaSearch
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
 
 
-def _scheduler_cls():
-    from ray.tune.schedulers import ASHAScheduler
+class BenchASHA(ASHAScheduler):
+    """ASHA whose rungs are refilled, after a resume, from the proxy history of the trials finished before it
+    (Tune restores the scheduler as it was pickled at the start of the search, with empty rungs)."""
 
-    class BenchASHA(ASHAScheduler):
-        """ASHA whose rungs are refilled, after a resume, from the proxy history of the trials finished before it
-        (Tune restores the scheduler as it was pickled at the start of the search, with empty rungs)."""
+    def __init__(self, history_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._history_path = history_path
+        self._replayed = False
 
-        def __init__(self, history_path: str, **kwargs):
-            super().__init__(**kwargs)
-            self._history_path = history_path
-            self._replayed = False
+    def _replay(self) -> None:
+        if self._replayed:
+            return
+        self._replayed = True
+        if not os.path.exists(self._history_path):
+            return
+        history = ckpt.load_json(self._history_path)
+        try:  # private ASHA bookkeeping (ray 2.60); if it changes, resumed rungs just start empty
+            for tid, h in history.items():
+                if not h.get("done"):
+                    continue
+                proxies = sorted((int(s), float(v)) for s, v in (h.get("proxy") or {}).items())
+                for bracket in self._brackets:
+                    for milestone, recorded in bracket._rungs:
+                        hit = [v for s, v in proxies if s >= milestone]
+                        if hit and tid not in recorded:
+                            recorded[tid] = self._metric_op * hit[0]
+        except AttributeError:
+            pass
 
-        def _replay(self) -> None:
-            if self._replayed:
-                return
-            self._replayed = True
-            if not os.path.exists(self._history_path):
-                return
-            history = ckpt.load_json(self._history_path)
-            try:  # private ASHA bookkeeping (ray 2.60); if it changes, resumed rungs just start empty
-                for tid, h in history.items():
-                    if not h.get("done"):
-                        continue
-                    proxies = sorted((int(s), float(v)) for s, v in (h.get("proxy") or {}).items())
-                    for bracket in self._brackets:
-                        for milestone, recorded in bracket._rungs:
-                            hit = [v for s, v in proxies if s >= milestone]
-                            if hit and tid not in recorded:
-                                recorded[tid] = self._metric_op * hit[0]
-            except AttributeError:
-                pass
+    def on_trial_add(self, tune_controller, trial):
+        self._replay()
+        return super().on_trial_add(tune_controller, trial)
 
-        def on_trial_add(self, tune_controller, trial):
-            self._replay()
-            return super().on_trial_add(tune_controller, trial)
-
-        def on_trial_result(self, tune_controller, trial, result):
-            self._replay()
-            return super().on_trial_result(tune_controller, trial, result)
-
-    return BenchASHA
+    def on_trial_result(self, tune_controller, trial, result):
+        self._replay()
+        return super().on_trial_result(tune_controller, trial, result)
 
 
-def _callback_cls():
-    from ray.tune import Callback
+class TrialLogger(Callback):
+    """MLflow from the driver: one nested run per trial, curves as results arrive, status at the end."""
 
-    class TrialLogger(Callback):
-        """MLflow from the driver: one nested run per trial, curves as results arrive, status at the end."""
+    def __init__(self, info: dict):
+        self.info = info  # uri, experiment, parent, dir, name, method, task, fixed, primary
+        self._tracker = None
+        self._state = None
+        self._release: dict | None = None  # trial id -> when it stopped (placement groups to free)
+        self._last_release = 0.0
 
-        def __init__(self, info: dict):
-            self.info = info  # uri, experiment, parent, dir, name, method, task, fixed, primary
-            self._tracker = None
-            self._state = None
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_tracker"], d["_state"], d["_release"] = None, None, None
+        return d
 
-        def __getstate__(self):
-            d = dict(self.__dict__)
-            d["_tracker"], d["_state"] = None, None
-            return d
+    # ---- helpers
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from bench.tracking import Tracker
 
-        # ---- helpers
-        @property
-        def tracker(self):
-            if self._tracker is None:
-                from bench.tracking import Tracker
+            self._tracker = Tracker(self.info["uri"], self.info["experiment"])
+        return self._tracker
 
-                self._tracker = Tracker(self.info["uri"], self.info["experiment"])
-            return self._tracker
+    @property
+    def state(self) -> dict:
+        if self._state is None:
+            path = os.path.join(self.info["dir"], TRIALS_FILE)
+            self._state = ckpt.load_json(path) if os.path.exists(path) else {}
+        return self._state
 
-        @property
-        def state(self) -> dict:
-            if self._state is None:
-                path = os.path.join(self.info["dir"], TRIALS_FILE)
-                self._state = ckpt.load_json(path) if os.path.exists(path) else {}
-            return self._state
+    def _save(self) -> None:
+        ckpt.save_json(self.state, os.path.join(self.info["dir"], TRIALS_FILE))
 
-        def _save(self) -> None:
-            ckpt.save_json(self.state, os.path.join(self.info["dir"], TRIALS_FILE))
-
-        def _run(self, trial) -> str:
-            entry = self.state.setdefault(trial.trial_id, {"step": 0, "proxy": {}, "done": False})
-            rid = entry.get("run")
-            if rid and self.tracker.run_status(rid) != "MISSING":
-                return rid
-            i = self.info
-            tags = {"bench.kind": "trial", "bench.tune": i["name"], "trial_id": trial.trial_id, "method": i["method"],
-                    "task": i["task"], "dataset": i["dataset"], "backbone": i["backbone"]}
-            rid = self.tracker.start_run(f"{i['name']}-{trial.trial_id}", tags, i["parent"])
-            values = {k: v for k, v in trial.config.items() if not k.startswith("_")}
-            self.tracker.log_params(rid, {**{f"fixed.{k}": v for k, v in i["fixed"].items()}, **values})
-            entry["run"] = rid
-            self._save()
+    def _run(self, trial) -> str:
+        entry = self.state.setdefault(trial.trial_id, {"step": 0, "proxy": {}, "done": False})
+        rid = entry.get("run")
+        if rid and self.tracker.run_status(rid) != "MISSING":
             return rid
+        i = self.info
+        tags = {"bench.kind": "trial", "bench.tune": i["name"], "trial_id": trial.trial_id, "method": i["method"],
+                "task": i["task"], "dataset": i["dataset"], "backbone": i["backbone"]}
+        rid = self.tracker.start_run(f"{i['name']}-{trial.trial_id}", tags, i["parent"])
+        values = {k: v for k, v in trial.config.items() if not k.startswith("_")}
+        self.tracker.log_params(rid, {**{f"fixed.{k}": v for k, v in i["fixed"].items()}, **values})
+        entry["run"] = rid
+        self._save()
+        return rid
 
-        # ---- Tune hooks
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._run(trial)
+    # ---- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+        self.state[trial.trial_id]["t_start"] = time.time()  # driver-side wall time of the trial (this attempt)
+        self._save()
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            rid = self._run(trial)
-            entry = self.state[trial.trial_id]
-            step = int(result.get("step", 0) or 0)
-            numbers = {k: float(v) for k, v in result.items() if k not in _TUNE_KEYS and _finite(v)}
-            if OBJECTIVE in result:
-                if not entry.get("final"):
-                    self.tracker.log_metrics(rid, numbers, step=step)
-                    entry["final"] = True
-                    self._save()
-                return
-            if step <= entry["step"]:  # a resumed trial re-reports steps after its last checkpoint
-                return
-            self.tracker.log_metrics(rid, {f"train/{k}": v for k, v in numbers.items()}, step=step)
-            entry["step"] = step
-            if PROXY in numbers:
-                entry["proxy"][str(step)] = numbers[PROXY]
-            self._save()
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rid = self._run(trial)
+        entry = self.state[trial.trial_id]
+        step = int(result.get("step", 0) or 0)
+        numbers = {k: float(v) for k, v in result.items() if k not in _TUNE_KEYS and _finite(v)}
+        if OBJECTIVE in result:
+            if not entry.get("final"):
+                self.tracker.log_metrics(rid, numbers, step=step)
+                entry["final"] = True
+                self._save()
+            return
+        if step <= entry["step"]:  # a resumed trial re-reports steps after its last checkpoint
+            return
+        self.tracker.log_metrics(rid, {f"train/{k}": v for k, v in numbers.items()}, step=step)
+        entry["step"] = step
+        if PROXY in numbers:
+            entry["proxy"][str(step)] = numbers[PROXY]
+        self._save()
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            rid = self._run(trial)
-            last = trial.last_result or {}
-            entry = self.state[trial.trial_id]
-            if OBJECTIVE in last:
-                status = "completed"
-                msg = f"{self.info['task']}/{self.info['primary']} {last[OBJECTIVE]:.2f}"
-            else:
-                status = "early_stopped"
-                msg = f"stopped early by ASHA at step {last.get('step', '?')} (proxy {last.get(PROXY, float('nan')):.2f})"
-            self.tracker.set_tags(rid, {"tune.status": status, "tune.stopped_at_step": last.get("step", "")})
-            self.tracker.finish(rid)
-            entry["done"] = True
-            entry["status"] = status
-            self._save()
-            values = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-            print(f"  trial {trial.trial_id}: {values} -> {msg} ({last.get('time_total_s', 0):.0f} s)", flush=True)
+    # ---- placement groups of stopped trials
+    def _release_later(self, trial) -> None:
+        if self._release is None:
+            self._release = {}
+        self._release[trial.trial_id] = time.monotonic()
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            rid = self._run(trial)
-            entry = self.state[trial.trial_id]
-            err = _trial_error(trial)
-            self.tracker.set_tags(rid, {"tune.status": "error", "tune.error": err[:4000]})
-            self.tracker.finish(rid, "FAILED")
-            entry["done"] = True
-            entry["status"] = "error"
-            self._save()
-            print(f"  trial {trial.trial_id}: failed: {err.splitlines()[-1] if err else '?'}", flush=True)
+    def on_step_begin(self, iteration, trials, **info):
+        pending = self._release
+        if not pending:
+            return
+        now = time.monotonic()
+        if now - self._last_release < 1.0:
+            return
+        self._last_release = now
+        for tid, since in list(pending.items()):
+            if now - since >= RELEASE_AFTER_S:
+                release_placement_groups(os.path.join(self.info["dir"], "trials", tid))
+            if now - since >= RELEASE_WATCH_S:
+                pending.pop(tid)
 
-    return TrialLogger
+    def on_experiment_end(self, trials, **info):
+        for tid in list(self._release or {}):
+            release_placement_groups(os.path.join(self.info["dir"], "trials", tid))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release_later(trial)
+        rid = self._run(trial)
+        last = trial.last_result or {}
+        entry = self.state[trial.trial_id]
+        if OBJECTIVE in last:
+            status = "completed"
+            msg = f"{self.info['task']}/{self.info['primary']} {last[OBJECTIVE]:.2f}"
+        else:
+            status = "early_stopped"
+            msg = f"stopped early by ASHA at step {last.get('step', '?')} (proxy {last.get(PROXY, float('nan')):.2f})"
+        self.tracker.set_tags(rid, {"tune.status": status, "tune.stopped_at_step": last.get("step", "")})
+        self.tracker.finish(rid)
+        entry["done"] = True
+        entry["status"] = status
+        entry["t_end"] = time.time()
+        self._save()
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        print(f"  trial {trial.trial_id}: {values} -> {msg} ({last.get('time_total_s', 0):.0f} s)", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release_later(trial)
+        rid = self._run(trial)
+        entry = self.state[trial.trial_id]
+        err = _trial_error(trial)
+        self.tracker.set_tags(rid, {"tune.status": "error", "tune.error": err[:4000]})
+        self.tracker.finish(rid, "FAILED")
+        entry["done"] = True
+        entry["status"] = "error"
+        self._save()
+        print(f"  trial {trial.trial_id}: failed: {err.splitlines()[-1] if err else '?'}", flush=True)
 
 
 def _trial_error(trial) -> str:
@@ -314,6 +350,48 @@ def apply_values(loop: dict, method: str, overrides: dict) -> dict:
     return loop
 
 
+def train_worker(loop_config: dict) -> dict:
+    """Ray Train worker function of a trial: records its placement group (rank 0), then ``train_loop``."""
+    from bench.pretrain import train_loop
+
+    try:
+        import ray
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 0:
+            pg = ray.util.get_current_placement_group()
+            if pg is not None:
+                os.makedirs(loop_config["out_dir"], exist_ok=True)
+                with open(os.path.join(loop_config["out_dir"], PG_FILE), "a") as fh:
+                    fh.write(pg.id.hex() + "\n")
+    except Exception:  # noqa: BLE001 - only bookkeeping for the driver's clean-up
+        pass
+    return train_loop(loop_config)
+
+
+def release_placement_groups(trial_dir: str) -> int:
+    """Remove the still-reserved placement groups a finished or stopped trial recorded; returns how many."""
+    path = os.path.join(trial_dir, PG_FILE)
+    if not os.path.exists(path):
+        return 0
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    removed = 0
+    with open(path) as fh:
+        ids = [ln.strip() for ln in fh if ln.strip()]
+    for hex_id in dict.fromkeys(ids):
+        try:
+            pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+            if ray.util.placement_group_table(pg).get("state") == "CREATED":
+                ray.util.remove_placement_group(pg)
+                removed += 1
+        except Exception:  # noqa: BLE001 - already gone, or not of this cluster (a resumed search)
+            continue
+    return removed
+
+
 def run_trial(config: dict, base: dict) -> None:
     """The Tune function trainable: pretrain with Ray Train, evaluate, report ``objective``."""
     import ray
@@ -325,7 +403,7 @@ def run_trial(config: dict, base: dict) -> None:
     from bench import plugins
     from bench.config import PretrainConfig, build
     from bench.evaluate import evaluate_method
-    from bench.pretrain import read_metrics, train_loop
+    from bench.pretrain import read_metrics
     from bench.registry import METHODS
     from bench.search_space import SearchSpace
 
@@ -346,7 +424,7 @@ def run_trial(config: dict, base: dict) -> None:
     final = os.path.join(out_dir, "final.pt")
     if not os.path.exists(final):
         trainer = TorchTrainer(
-            train_loop, train_loop_config=loop,
+            train_worker, train_loop_config=loop,
             scaling_config=ray.train.ScalingConfig(num_workers=pcfg.workers, use_gpu=pcfg.gpu,
                                                    resources_per_worker={"CPU": pcfg.cpus_per_worker
                                                                          - DRIVER_CPU / pcfg.workers}),
@@ -355,7 +433,10 @@ def run_trial(config: dict, base: dict) -> None:
                 callbacks=[TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=pcfg.max_failures)),
         )
-        trainer.fit()
+        result = trainer.fit()
+        loop_s = (getattr(result, "return_value", None) or {}).get("wall_s")
+    else:
+        loop_s = None
     t1 = time.perf_counter()
     spec = copy.deepcopy(base["spec"])
     spec["method_cfg"], spec["pretrain"] = loop["method_cfg"], loop["pretrain"]
@@ -372,6 +453,8 @@ def run_trial(config: dict, base: dict) -> None:
     report.update({f"{task}/{k}": float(v) for k, v in res["metrics"].items() if _finite(v)})
     if proxies:
         report[PROXY] = float(proxies[-1])
+    if loop_s is not None:
+        report["train_loop_s"] = float(loop_s)  # the loop alone: pretrain_s minus Ray Train's start and stop
     tune.report(report)
 
 
@@ -443,9 +526,8 @@ class Search:
     def run(self) -> dict:
         import ray
         from ray import tune
-        from ray.tune.search import ConcurrencyLimiter
 
-        from bench.pipeline import loop_config, eval_spec
+        from bench.pipeline import eval_spec, loop_config
         from bench.raycluster import init_ray
         from bench.tracking import Tracker, git_commit
 
@@ -454,6 +536,8 @@ class Search:
         state = ckpt.load_json(self.state_path) if os.path.exists(self.state_path) else None
         if state is None:
             os.makedirs(self.dir, exist_ok=True)
+            # the resolved space, written out: a resume needs neither the YAML files nor the method's defaults
+            o.space, o.space_only = self.space.as_items(), True
             state = self._settings()
         tracker = Tracker(c.tracking.uri, c.tracking.experiment)
         parent = state.get("parent")
@@ -491,30 +575,36 @@ class Search:
             self.console.print(f"  {key}: {text}")
         from ray.tune import Tuner
 
-        if self.resume and Tuner.can_restore(self.dir):
-            tuner = Tuner.restore(self.dir, trainable=trainable, resume_unfinished=True, resume_errored=False,
+        if self.resume and Tuner.can_restore(os.path.join(self.dir, TUNE_DIR)):
+            tuner = Tuner.restore(os.path.join(self.dir, TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
         else:
             tuner = self._new_tuner(trainable, concurrent)
+        # intermediate results carry ASHA's proxy, only the last one the objective: Tune's strict check wants
+        # every metric in every result
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our own lines instead
         t0 = time.perf_counter()
         results = tuner.fit()
         wall = time.perf_counter() - t0
         return self.summarize(results, wall)
 
     def _new_tuner(self, trainable, concurrent: int):
+        import optuna
         from ray import tune
         from ray.tune.search import ConcurrencyLimiter
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         c, o = self.cfg, self.opts
-        searcher = _searcher_cls()(metric=OBJECTIVE, mode=self.mode, seed=c.run.seed,
-                                   points_to_evaluate=self._first_point() or None)
+        searcher = BenchOptunaSearch(metric=OBJECTIVE, mode=self.mode, seed=c.run.seed,
+                                     points_to_evaluate=self._first_point() or None)
         scheduler = None
         if o.asha:
             # rungs strictly before the last step (max_t = total - 1, last trials not stopped at max_t): a trial
             # that finished pretraining always gets its evaluation
-            scheduler = _scheduler_cls()(os.path.join(self.dir, TRIALS_FILE), time_attr="step", metric=PROXY,
-                                         mode="max", max_t=self.total - 1, grace_period=self.proxy_every,
-                                         reduction_factor=o.reduction_factor, stop_last_trials=False)
+            scheduler = BenchASHA(os.path.join(self.dir, TRIALS_FILE), time_attr="step", metric=PROXY,
+                                  mode="max", max_t=self.total - 1, grace_period=self.proxy_every,
+                                  reduction_factor=o.reduction_factor, stop_last_trials=False)
         info = {"uri": self.tracker.uri, "experiment": c.tracking.experiment, "parent": self.parent, "dir": self.dir,
                 "name": o.name, "method": o.method, "task": o.task, "fixed": self.space.fixed,
                 "primary": self.primary, "dataset": c.run.eval_dataset(), "backbone": c.backbone.name}
@@ -522,8 +612,8 @@ class Search:
             trainable, param_space=self.space.param_space(),
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
                                         scheduler=scheduler, num_samples=o.trials),
-            run_config=tune.RunConfig(name=o.name, storage_path=os.path.dirname(self.dir),
-                                      callbacks=[_callback_cls()(info)], verbose=0,
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=self.dir,
+                                      callbacks=[TrialLogger(info)], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
 
@@ -537,15 +627,16 @@ class Search:
         rows = []
         for r in results:
             m = r.metrics or {}
-            tid = m.get("trial_id") or os.path.basename(str(r.path)).split("_")[-1]
+            tid, index = _trial_id_index(r)
             cfg = {k: (r.config or {}).get(k) for k in self.space.domains}
             status = "error" if r.error else ("completed" if OBJECTIVE in m else "early_stopped")
             if not r.error and OBJECTIVE not in m and not history.get(tid, {}).get("done"):
                 status = "interrupted"
-            rows.append({"trial_id": tid, "status": status, **cfg, OBJECTIVE: m.get(OBJECTIVE),
-                         PROXY: m.get(PROXY), "step": m.get("step"), "wall_s": m.get("time_total_s"),
-                         "mlflow_run": history.get(tid, {}).get("run", "")})
-        rows.sort(key=lambda row: row["trial_id"])
+            rows.append({"trial": index, "trial_id": tid, "status": status, **cfg, OBJECTIVE: m.get(OBJECTIVE),
+                         PROXY: m.get(PROXY), "step": m.get("step"), "wall_s": _trial_wall(history.get(tid, {})),
+                         "pretrain_s": m.get("pretrain_s"), "train_loop_s": m.get("train_loop_s"),
+                         "eval_s": m.get("eval_s"), "mlflow_run": history.get(tid, {}).get("run", "")})
+        rows.sort(key=lambda row: (row["trial"], row["trial_id"]))
         df = pd.DataFrame(rows)
         done = [r for r in rows if r["status"] == "completed"]
         interrupted = len([r for r in rows if r["status"] in ("completed", "early_stopped", "error")]) < o.trials
@@ -603,11 +694,11 @@ class Search:
         from rich.table import Table
 
         table = Table(title=f"bench tune {self.opts.name}")
-        for col in df.columns:
-            if col != "mlflow_run":
-                table.add_column(col, justify="right" if col not in ("trial_id", "status") else "left")
+        cols = [c for c in df.columns if c not in ("mlflow_run", "pretrain_s", "train_loop_s", "eval_s")]
+        for col in cols:
+            table.add_column(col, justify="right" if col not in ("trial_id", "status") else "left")
         for _, row in df.iterrows():
-            table.add_row(*[_cell(row[c]) for c in df.columns if c != "mlflow_run"])
+            table.add_row(*[_cell(row[c]) for c in cols])
         self.console.print(table)
         if best:
             values = " ".join(f"{k}={_fmt(v)}" for k, v in best["values"].items())
@@ -617,6 +708,23 @@ class Search:
         if interrupted:
             self.console.print(f"[yellow]search interrupted; continue it with: python -m bench tune --resume "
                                f"{self.opts.name}[/yellow]")
+
+
+def _trial_id_index(result) -> tuple[str, int]:
+    """(Tune trial id, creation index) from a Result; its folder is ``<trainable>_<id>_<index>_<params>...``."""
+    m = result.metrics or {}
+    base = os.path.basename(str(result.path or ""))
+    hit = re.search(r"_([0-9a-f]{5,})_(\d+)_", base)
+    tid = m.get("trial_id") or (hit.group(1) if hit else base)
+    index = int(hit.group(2)) if hit and hit.group(1) == tid else 0
+    return tid, index
+
+
+def _trial_wall(entry: dict) -> float | None:
+    """Seconds from the trial's (last) start to its end, as the driver saw them (actor start included)."""
+    if "t_start" in entry and "t_end" in entry:
+        return float(entry["t_end"] - entry["t_start"])
+    return None
 
 
 def _cell(v) -> str:

@@ -29,7 +29,9 @@ Deviations (each also noted where it happens):
 * CPU scale: 64-px views on the harness's tiny ViT (patch 8, 3 heads: 8×8 tokens per view; ref 224 px, ViT-S/16,
   6 heads), head widths 512/128 with out_dim 1024 and out_dim_c 256 (ref 2048/256, 65536 and 8192), teacher
   momentum 0.99 (ref 0.996, which leaves a few-hundred-step teacher near its initialisation), lr 5e-4 for batch 32
-  with one warm-up epoch (ref 0.0005·B/256 with 10 of 300 epochs), fp32 on CPU (ref fp16).
+  with one warm-up epoch (ref 0.0005·B/256 with 10 of 300 epochs), 4 epochs of 48 steps by default (a CrOC step
+  costs about 0.95 of a default DINO step, so this is ~2 minutes on 2 idle cores; ref 300 epochs), fp32 on CPU
+  (ref fp16).
 * The student's drop-path is the harness's ``backbone.drop_path`` (default 0; ref 0.1); the teacher is kept in
   eval mode so it never drops paths, as in the reference where it is built without drop-path.
 * Seeds are drawn with Gumbel top-k from per-sample noise seeded by (run, step, sample index) rather than
@@ -61,6 +63,13 @@ from methods.common.geometry import cell_centers
 from methods.common.heads import DINOHead
 from methods.common.schedules import momentum_schedule
 from methods.common.vit_tokens import last_block_attention, tokens_and_head_features
+
+
+@torch.no_grad()
+def _target_entropy(loss_fn: DINOLoss, teacher_logits: torch.Tensor, epoch: int) -> float:
+    """Mean entropy of the centred, sharpened teacher targets (a collapse diagnostic)."""
+    q = torch.softmax((teacher_logits.float() - loss_fn.center) / loss_fn.teacher_temp(epoch), dim=-1)
+    return float(-(q * torch.log(q.clamp_min(1e-12))).sum(dim=-1).mean())
 
 
 @dataclass
@@ -135,7 +144,7 @@ class CrOCPair(nn.Module):
 class CrOC(Method):
     config_class = CrOCConfig
     pretrain_defaults = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
-                         "clip_grad": 3.0, "epochs": 5}
+                         "clip_grad": 3.0, "epochs": 4}
 
     def __init__(self, cfg: CrOCConfig, backbone_factory, schedule: Schedule):
         super().__init__(cfg, backbone_factory, schedule)
@@ -222,6 +231,7 @@ class CrOC(Method):
 
         s_tokens = self.student.backbone.model.forward_features(x)
         s_logits = self.student.head(s_tokens[:, 0])
+        entropy_image = _target_entropy(self.loss_image, t_logits, epoch)  # before the loss moves the centre
         loss_image = self.loss_image(list(s_logits.chunk(2)), list(t_logits.chunk(2)), epoch)
 
         # Object level: the teacher's assignments applied to the student's tokens; gradients flow through them
@@ -229,6 +239,7 @@ class CrOC(Method):
         n_local = t_c1.shape[0]
         n_global = int(all_reduce_sum(torch.tensor([float(n_local)], device=x.device)).item())
         loss_object = s_logits.new_zeros(())
+        entropy_object = float("nan")
         if n_global > 0:
             s_scale = global_mean(s_tokens[:, 0].norm(dim=-1))
             s_c1, s_c2 = view_centroids(s_tokens[:, prefix:].reshape(2, bsz, n, -1), clusters.weights,
@@ -237,6 +248,7 @@ class CrOC(Method):
                 t_out = self.teacher.head.forward_c(torch.cat([t_c1, t_c2]))
             s_out = self.student.head.forward_c(torch.cat([s_c1, s_c2]))
             if n_local > 0:
+                entropy_object = _target_entropy(self.loss_object, t_out, epoch)
                 # the mean over this worker's pairs, rescaled so the workers' average is the mean over all pairs
                 share = n_local * self.schedule.world_size / n_global
                 loss_object = self.loss_object(list(s_out.chunk(2)), list(t_out.chunk(2)), epoch) * share
@@ -247,6 +259,8 @@ class CrOC(Method):
         loss = loss_image + c.alpha_s * loss_object
         return {"loss": loss, "loss_image": float(loss_image.detach()), "loss_object": float(loss_object.detach()),
                 "clusters": float(clusters.n_clusters.float().mean()), "valid_per_image": n_local / bsz,
+                # the reference logs these too: targets near log(out_dim) mean a collapse to uniform
+                "entropy_image": entropy_image, "entropy_object": entropy_object,
                 "teacher_temp": self.loss_image.teacher_temp(epoch),
                 "momentum": float(self.momentum[min(step, len(self.momentum) - 1)])}
 

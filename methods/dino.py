@@ -7,7 +7,8 @@ iteration), DINOHead (3-layer MLP, L2 norm, weight-normalised last layer with fr
 
 Scaled down for the CPU default (every value is a config field; the reference values are in comments):
 head widths 512/128/1024 (ref 2048/256/65536), 2 local crops (ref 8), 64/32-px crops (ref 224/96),
-teacher momentum 0.99 (ref 0.996; a run of a few hundred steps leaves a 0.996 teacher near its init).
+teacher momentum 0.99 (ref 0.996; a run of a few hundred steps leaves a 0.996 teacher near its init),
+BatchNorm in the head (ref off; without it the short CPU run collapsed to uniform outputs), lr 1e-3.
 The evaluation backbone is the teacher's, as in the reference.
 """
 
@@ -32,7 +33,9 @@ class DINOConfig:
     out_dim: int = 1024  # ref 65536
     hidden_dim: int = 512  # ref 2048
     bottleneck_dim: int = 128  # ref 256
-    use_bn_in_head: bool = False
+    # ref False. On the CPU default (batch 32, ~150 steps) the BN-free head collapsed to uniform outputs
+    # (loss stuck at ln(out_dim), DINO issue #43's failure mode); BN over the batch keeps the targets informative.
+    use_bn_in_head: bool = True
     norm_last_layer: bool = True
     momentum_teacher: float = 0.99  # ref 0.996
     teacher_temp: float = 0.04
@@ -74,7 +77,9 @@ class DINOPair(nn.Module):
 @METHODS.register("dino")
 class DINO(Method):
     config_class = DINOConfig
-    pretrain_defaults = {"optimizer": "adamw", "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0}
+    # lr 1e-3 for the CPU default's batch 32 (ref 0.0005·B/256 over 100+ epochs; far too slow for ~150 steps)
+    pretrain_defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.04, "weight_decay_end": 0.4,
+                         "clip_grad": 3.0}
 
     def __init__(self, cfg: DINOConfig, backbone_factory, schedule: Schedule):
         super().__init__(cfg, backbone_factory, schedule)
@@ -87,6 +92,8 @@ class DINO(Method):
                                 cfg.warmup_teacher_temp_epochs, schedule.epochs, cfg.student_temp,
                                 cfg.center_momentum)
         self.momentum = momentum_schedule(cfg.momentum_teacher, schedule.total_steps)
+        # BatchNorm in the head normalises over the batch: SyncBN across workers, as the reference does
+        self.sync_bn = cfg.use_bn_in_head
 
     def view_spec(self) -> MultiCropSpec:
         c = self.cfg

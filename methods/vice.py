@@ -92,6 +92,7 @@ class ViCEConfig:
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iters: int = 3
+    hard_assignment_iters: int = 0  # one-hot (argmax) codes for the first N iterations (temp_hard_assignment_iters)
     coherence_weight: float = 1.0
     swav_weight: float = 1.0
     # ---- prototypes and queue
@@ -304,6 +305,9 @@ class ViCE(Method):
         with torch.no_grad():
             q_scores = self.queue.scores(self.prototypes.weight) if use_queue else None
             codes = swav_codes(sigma[0].detach(), q_scores, c.epsilon, c.sinkhorn_iters)
+            ent = -(codes * codes.clamp_min(1e-12).log()).sum(-1).mean() if codes.numel() else torch.zeros(())
+            if step < c.hard_assignment_iters and codes.numel():
+                codes = F.one_hot(codes.argmax(dim=1), codes.shape[1]).to(codes.dtype)
         l_swav, _ = self.swap_loss(sigma, present, codes)
         # keeps every parameter in the graph when this worker holds no region (DDP needs a backward)
         anchor = 0.0 * feat.mean()
@@ -315,8 +319,6 @@ class ViCE(Method):
             loss = c.swav_weight * l_swav + anchor
         if use_queue:
             self.queue.push(pooled["emb"])
-        with torch.no_grad():
-            ent = -(codes * codes.clamp_min(1e-12).log()).sum(-1).mean() if codes.numel() else torch.zeros(())
         return {"loss": loss, "loss_swav": float(l_swav.detach()), "loss_coh": float(l_coh.detach()),
                 "regions_per_image": pooled["image"].numel() / max(b, 1), "code_entropy": float(ent),
                 "queue_used": float(use_queue)}

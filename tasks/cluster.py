@@ -14,10 +14,19 @@
 4. One confusion matrix over the whole evaluation set, then Hungarian matching (scipy, pixel-count objective,
    PiCIE/STEGO) for K = C or majority vote for K > C (``match=auto``), then mIoU (NaN-skip) and pixel accuracy.
 
+Metrics: ``miou`` (mean over seeds), ``miou_std`` (sample std over seeds), ``pixel_acc`` (mean); per_class
+holds the mean per-class IoU, the per-seed mIoU / accuracy, the k-means inertia per point and seed 0's
+cluster→class mapping.
+
 K-means runs in torch on the task's device (GPU when evaluating on one): greedy k-means++ seeding (as
-scikit-learn) and Lloyd iterations until the centroid shift is below ``tol`` × the mean feature variance.
-Deviation from the reference: PiCIE uses faiss with mini-batch updates after training; this is plain batch
-K-means on (a subsample of) the evaluation tokens, which the spec's harness recommendation (§2.5) allows.
+scikit-learn, on a ≤ max(10k, 512·K)-point sample) and Lloyd iterations on all fit points until the centroid
+shift is below ``tol`` × the mean feature variance (at most ``iters``). On one CPU thread it matches
+scikit-learn's inertia and is about 2× faster at 200k×384, K=27 (tests/test_cluster.py compares inertia).
+
+Deviations: PiCIE fits faiss K-means then mini-batch updates on the curated *train* images; this is plain
+batch K-means on (a ≤ ``max_fit_points`` subsample of) the evaluation tokens by default, which the spec's
+harness recommendation (§2.5) allows and the protocol line records. Leopart's variant (StandardScaler + PCA to
+50 dims, faiss nredo 5, 100 iterations) is not built in; ``n_init=5 iters=100 upsample=nearest`` comes closest.
 """
 
 from __future__ import annotations
@@ -48,13 +57,19 @@ def _sq_dists(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None
     return d.add_(x_sq[:, None]).clamp_min_(0)
 
 
+def _nearest(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor):
+    """(squared distance to the nearest centroid N, its index N); ‖x‖² is added after the min (same argmin)."""
+    m, lab = torch.addmm(c_sq[None, :], x, c.T.contiguous(), alpha=-2.0).min(1)
+    return (m + x_sq).clamp_min_(0), lab
+
+
 def assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """x N×D, c K×D -> (labels N int64, squared distance to the assigned centroid N)."""
     c_sq = (c * c).sum(1)
     labels, dists = [], []
     for s in range(0, x.shape[0], chunk):
-        d = _sq_dists(x[s:s + chunk], c, c_sq)
-        m, i = d.min(1)
+        xs = x[s:s + chunk]
+        m, i = _nearest(xs, c, c_sq, (xs * xs).sum(1))
         labels.append(i)
         dists.append(m)
     return torch.cat(labels), torch.cat(dists)
@@ -84,12 +99,13 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float = 1e-4, n_init: int = 1,
-           init_points: int = 200_000, chunk: int = 32768) -> tuple[torch.Tensor, float]:
+           init_points: int = 0, chunk: int = 32768) -> tuple[torch.Tensor, float]:
     """x N×D float -> (centroids K×D, inertia = Σ squared distance to the nearest centroid), the best of
     ``n_init`` runs (k-means++ seeding + Lloyd).
 
-    Seeding uses at most ``init_points`` random points; empty clusters are re-seeded with the points farthest
-    from their centroids (as scikit-learn does).
+    Seeding runs on at most ``init_points`` random points (0: max(10,000, 512·K), twice faiss's default training
+    sample of 256 per centroid; scikit-learn seeds on all points), Lloyd on all of them; empty clusters are
+    re-seeded with the points farthest from their centroids (as scikit-learn does).
     """
     x = x.float()
     n = x.shape[0]
@@ -98,6 +114,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float 
     gen = torch.Generator().manual_seed(seed)
     thresh = tol * float(x.var(0).mean())
     x_sq = (x * x).sum(1)
+    init_points = init_points or max(10_000, 512 * k)
     best: tuple[torch.Tensor, float] | None = None
     for _ in range(max(1, n_init)):
         sub = x if n <= init_points else x[torch.randperm(n, generator=gen)[:init_points].to(x.device)]
@@ -113,24 +130,23 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, iters: int, thr
            chunk: int) -> torch.Tensor:
     n, k = x.shape[0], c.shape[0]
     for _ in range(iters):
-        # E and M step fused per chunk: the per-cluster sums come from a one-hot matmul (BLAS), not a scatter
+        # E and M step fused per chunk (one pass over the points per iteration)
         sums = torch.zeros_like(c)
-        counts = torch.zeros(k, device=x.device)
+        counts = torch.zeros(k, device=x.device, dtype=torch.long)
         dists = []
         c_sq = (c * c).sum(1)
         for s in range(0, n, chunk):
             xs = x[s:s + chunk]
-            m, lab = _sq_dists(xs, c, c_sq, x_sq[s:s + chunk]).min(1)
-            onehot = F.one_hot(lab, k).to(x.dtype)
-            sums += onehot.T @ xs
-            counts += onehot.sum(0)
+            m, lab = _nearest(xs, c, c_sq, x_sq[s:s + chunk])
+            sums.index_add_(0, lab, xs)
+            counts += torch.bincount(lab, minlength=k)
             dists.append(m)
         empty = (counts == 0).nonzero()[:, 0]
         if len(empty):
             far = torch.cat(dists).topk(len(empty)).indices
             sums[empty] = x[far]
             counts[empty] = 1
-        new = sums / counts[:, None]
+        new = sums / counts[:, None].to(sums.dtype)
         shift = float(((new - c) ** 2).sum())
         c = new
         if shift <= thresh:
@@ -147,7 +163,7 @@ class ClusterConfig:
     match: str = "auto"  # auto (hungarian when k = classes, majority when k > classes) | hungarian | majority
     seeds: int = 0  # k-means restarts, reported as mean ± std; 0 = 5 on real data (protocol), 3 on synthetic
     fit_on: str = "val"  # val: centroids from the evaluation images' features | train: from the train split
-    max_fit_images: int = 0  # fit_on=train: at most this many random train images (0 = all)
+    max_fit_images: int = 5000  # fit_on=train: at most this many random train images (0 = all)
     max_fit_points: int = 1_000_000  # random token subsample per seed for fitting (0 = all)
     exclude_void: bool = True  # leave tokens whose label is ignore (255) out of the fit
     normalize: bool = True  # L2-normalise features (cosine, PiCIE)
@@ -281,8 +297,8 @@ class Clustering(Task):
         with warnings.catch_warnings():  # a class absent from GT and predictions stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             per_class = np.nanmean(np.stack(ious), 0)
-        metrics = {"miou": float(np.mean(mious)), "miou_std": std(mious),
-                   "pixel_acc": float(np.mean(accs)), "pixel_acc_std": std(accs)}
+        # the accuracy's spread stays in per_class (pixel_acc_per_seed) to keep the leaderboard narrow
+        metrics = {"miou": float(np.mean(mious)), "miou_std": std(mious), "pixel_acc": float(np.mean(accs))}
         protocol = (f"cluster: frozen features{' L2-normalised' if cfg.normalize else ''}, torch k-means K={K} "
                     f"(k-means++, <= {cfg.iters} iters, best of {cfg.n_init}) fitted on {fit_desc}"
                     f"{', void tokens excluded' if cfg.exclude_void else ''}, {seeds} seeds (mean ± std), "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,11 +46,13 @@ from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.detection.coco import STAT_NAMES, coco_evaluate, coco_from_dict, dataset_to_coco, detections_to_results
 
+log = logging.getLogger("bench.det")
+
 _COMMON_1X = dict(
     train_sizes=[640, 672, 704, 736, 768, 800], test_size=800, max_size=1333,
     optimizer="sgd", weight_decay=1e-4, layer_decay=1.0, clip_grad=0.0, warmup_iters=1000,
     fpn_channels=256, box_convs=4, box_fc=1024, mask_convs=4, rpn_convs=1, norm="bn",
-    anchor_sizes=[32, 64, 128, 256, 512], rpn_pre_nms_train=2000, rpn_pre_nms_test=1000,
+    anchor_sizes=[32, 64, 128, 256, 512], aspect_ratios=[0.5, 1.0, 2.0], rpn_pre_nms_train=2000, rpn_pre_nms_test=1000,
     rpn_post_nms_train=1000, rpn_post_nms_test=1000, rpn_batch_per_image=256, roi_batch_per_image=512,
     eval_batch_size=4, loader_workers=4,
 )
@@ -59,7 +62,7 @@ PRESETS = {
         iters=300, batch_size=8, lr=2e-4, steps=[240], warmup_iters=30, train_sizes=[96], test_size=96,
         max_size=1333, optimizer="adamw", weight_decay=0.05, layer_decay=1.0, clip_grad=1.0,
         fpn_channels=64, box_convs=0, box_fc=256, mask_convs=2, rpn_convs=1, norm="none",
-        anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_train=1000, rpn_pre_nms_test=500,
+        anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[0.5, 1.0, 2.0], rpn_pre_nms_train=1000, rpn_pre_nms_test=500,
         rpn_post_nms_train=300, rpn_post_nms_test=300, rpn_batch_per_image=128, roi_batch_per_image=128,
         eval_batch_size=16, loader_workers=0,
     ),
@@ -96,6 +99,7 @@ class DetConfig:
     rpn_convs: Optional[int] = None
     norm: Optional[str] = None  # bn | gn | ln | none, in the FPN and heads
     anchor_sizes: Optional[list] = None  # one per level p2..p6
+    aspect_ratios: Optional[list] = None  # anchor height/width ratios, the same at every level
     rpn_pre_nms_train: Optional[int] = None
     rpn_pre_nms_test: Optional[int] = None
     rpn_post_nms_train: Optional[int] = None
@@ -120,9 +124,13 @@ class DetConfig:
         if self.backend not in BACKENDS:
             raise BenchError(f"{where}.backend: unknown backend '{self.backend}'; valid: {', '.join(BACKENDS)}")
         preset = PRESETS[self.preset]
-        if self.iters is not None and self.steps is None:
-            # user shortened or lengthened the schedule: keep the drops at the same fractions
-            self.steps = [max(1, round(s * self.iters / preset["iters"])) for s in preset["steps"]]
+        if self.iters is not None:
+            # the user shortened or lengthened the schedule: keep drops and warm-up at the same fractions
+            scale = self.iters / preset["iters"]
+            if self.steps is None:
+                self.steps = [max(1, round(s * scale)) for s in preset["steps"]]
+            if self.warmup_iters is None:
+                self.warmup_iters = max(1, round(preset["warmup_iters"] * scale))
         for key, value in preset.items():
             if getattr(self, key) is None:
                 setattr(self, key, copy.deepcopy(value))
@@ -192,7 +200,7 @@ class Detection(Task):
 
         torch.manual_seed(cfg.seed)
         model = tvb.build_detector(body, len(names) + 1, cfg)
-        train_info = tvb.finetune(model, body, data.train, train_idx, cfg, device)
+        train_info = tvb.finetune(model, body, data.train, train_idx, cfg, device, log=log.info)
         category_ids = getattr(data.val, "category_ids", None)
         results: dict = {"bbox": [], "segm": []}
         image_ids = []

@@ -28,7 +28,7 @@ def _blobs(n, d, centers, spread, seed):
 
 
 @pytest.mark.parametrize("n,d,k,centers,spread", [(4000, 16, 8, 8, 0.3), (4000, 32, 10, 25, 0.5),
-                                                    (3000, 8, 12, 1, 1.0)])
+                                                    (2000, 8, 8, 1, 1.0)])
 def test_kmeans_inertia_no_worse_than_sklearn(n, d, k, centers, spread):
     """Same budget (best of 3 k-means++ runs, <= 300 Lloyd iterations) on separated blobs, overlapping blobs
     and one Gaussian; single runs differ by their local minimum, so the mean over 4 seeds is compared."""
@@ -157,7 +157,8 @@ def test_synthetic_default_runs_with_three_seeds():
     model = create_backbone("vit_tiny_d4_p8", "", 0.0).eval()
     res = Clustering(build(ClusterConfig, {}, "tasks.cluster")).evaluate(model.forward_dense, data,
                                                                         torch.device("cpu"))
-    assert set(res.metrics) == {"miou", "miou_std", "pixel_acc", "pixel_acc_std"}
+    assert set(res.metrics) == {"miou", "miou_std", "pixel_acc"}
+    assert res.metrics["pixel_acc"] == pytest.approx(np.mean(res.per_class["pixel_acc_per_seed"]))
     assert len(res.per_class["miou_per_seed"]) == 3 and len(res.per_class["iou"]) == 10
     assert res.metrics["miou"] == pytest.approx(np.mean(res.per_class["miou_per_seed"]))
     assert res.metrics["miou_std"] == pytest.approx(np.std(res.per_class["miou_per_seed"], ddof=1))

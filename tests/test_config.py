@@ -13,7 +13,7 @@ def _yaml(tmp_path, data) -> str:
 
 def test_precedence_defaults_yaml_set_flags(tmp_path):
     defaults = load_config(None, [])
-    assert defaults.pretrain.epochs == 12 and defaults.methods["dino"].teacher_temp == 0.04
+    assert defaults.pretrain.epochs == 3 and defaults.methods["dino"].teacher_temp == 0.04
     f = _yaml(tmp_path, {"pretrain": {"epochs": 5, "batch_size": 16}, "methods": {"dino": {"teacher_temp": 0.06}}})
     from_yaml = load_config(f, [])
     assert from_yaml.pretrain.epochs == 5 and from_yaml.methods["dino"].teacher_temp == 0.06

@@ -26,6 +26,7 @@ def test_two_workers_match_one_process(method, distributed):
     got = distributed[method]
     assert abs(got["loss"] - ref["loss"]) <= 1e-4 * max(1.0, abs(ref["loss"])), (got["loss"], ref["loss"])
     assert set(got["grads"]) == set(ref["grads"])
+    # float32 sums in a different order: tolerances relative to the largest gradient of the model
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
     for name, g in ref["grads"].items():
-        scale = g.abs().max().item() + 1e-8
-        assert torch.allclose(got["grads"][name], g, atol=1e-4 * scale, rtol=1e-3), name
+        assert torch.allclose(got["grads"][name], g, atol=1e-5 * scale + 1e-7, rtol=1e-3), name

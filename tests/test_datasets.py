@@ -36,7 +36,7 @@ def _save_png(path, arr, mode="L", palette=None):
     im.save(path)
 
 
-def _save_rgb(path, rng, h, w, fmt=None):
+def _save_rgb(path, rng, h, w):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     Image.fromarray(img).save(path, **({"quality": 95} if path.endswith(".jpg") else {}))

@@ -31,7 +31,7 @@ def test_presets_fill_unset_fields_and_user_values_win():
     assert (city.iters, city.batch_size, city.lr, city.steps, city.test_size, city.max_size) == \
         (24000, 8, 0.01, [18000], 1024, 2048)
     # shortening the schedule keeps the drops at the same fractions (60k/90k, 80k/90k)
-    assert _cfg(preset="1x", iters=900).steps == [600, 800]
+    assert _cfg(preset="1x", iters=900).steps == [600, 800] and _cfg(preset="1x", iters=900).warmup_iters == 10
     assert _cfg(preset="1x", iters=900, steps=[100]).steps == [100]
     assert PRESETS["1x"] is not None and _cfg().preset == "synthetic"
 
@@ -239,7 +239,7 @@ def test_cityscapes_instances_layout(tmp_path):
     inst[4:6, 5:9] = 24000  # person #0
     inst[6:8, 10:16] = 26  # a car group: crowd
     inst[0, 15] = 29005  # caravan: not evaluated
-    Image.fromarray(inst).save(tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png")
+    Image.fromarray(inst.astype(np.uint16)).save(tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png")
     ds = CityscapesInstances(CityscapesInstancesConfig(root=str(tmp_path)), "val")
     assert ds.thing_classes == ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
     item = ds[0]
@@ -249,3 +249,32 @@ def test_cityscapes_instances_layout(tmp_path):
     assert item["mask"][0, 0] == 0 and item["mask"][1, 1] == 13 and item["mask"][4, 5] == 11  # trainIds
     assert item["mask"][0, 15] == 255
     assert ds.d2_dataset("val") is None  # the folder is not named cityscapes
+
+
+@pytest.mark.slow
+def test_bench_run_det_end_to_end(tmp_path, monkeypatch, capsys):
+    """`bench run --tasks det` on a tiny config: box and mask AP columns in the leaderboard and in MLflow."""
+    import ray
+
+    from bench.cli import main
+    from tests.conftest import tiny_argv
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--methods", "dino", "--tasks", "det", "--run-id", "det", "--no-progress"] + tiny_argv(
+        "--set", "tasks.det.iters=2", "--set", "tasks.det.batch_size=2")
+    try:
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    header = (tmp_path / "results" / "det.md").read_text().splitlines()[0]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[1:4] == ["det/bbox_AP", "det/bbox_AP50", "det/bbox_AP75"] and "det/segm_AP" in cols
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("bench")
+    evals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("bench.kind") == "eval"]
+    assert {r.data.tags["method"] for r in evals} == {"dino", "random-init"}
+    for r in evals:
+        assert r.data.tags["bench.primary"] == "bbox_AP" and "det/segm_AP" in r.data.metrics
+        assert "figures/det_cocoeval.txt" in [a.path for a in client.list_artifacts(r.info.run_id, "figures")]

@@ -124,7 +124,10 @@ class CocoInstances(SegDataset):
         """The original annotations (original category ids) for ``COCOeval``."""
         return self.coco
 
-    def d2_dataset(self, split: str) -> dict:
+    def d2_dataset(self, split: str) -> dict | None:
+        """The annotation file itself for detectron2 (None for a ``max_images`` subset: written out instead)."""
+        if self.cfg.max_images:
+            return None
         return {"name": f"bench_coco_instances_{split}{self.cfg.year}", "json": os.path.abspath(self.ann_file),
                 "image_root": os.path.abspath(self.image_root)}
 
@@ -216,7 +219,7 @@ class CityscapesInstances(SegDataset):
     def d2_dataset(self, split: str) -> dict | None:
         """detectron2's built-in Cityscapes sets when the root is ``<DETECTRON2_DATASETS>/cityscapes``."""
         root = os.path.abspath(self.cfg.root)
-        if os.path.basename(root.rstrip("/")) != "cityscapes":
+        if os.path.basename(root.rstrip("/")) != "cityscapes" or self.cfg.max_images:
             return None
         return {"builtin": True, "name": f"cityscapes_fine_instance_seg_{split}",
                 "env": {"DETECTRON2_DATASETS": os.path.dirname(root)}}

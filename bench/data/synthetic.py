@@ -31,6 +31,7 @@ class SyntheticConfig:
     seed: int = 0
     regions: tuple = (2, 4)  # stuff regions per image, inclusive range
     things: tuple = (1, 3)  # thing instances per image, inclusive range
+    saturation: float = 1.0  # colour saturation of every region (0 = grey levels only)
 
     def validate(self, where: str) -> None:
         if self.size < 32:
@@ -66,11 +67,13 @@ def _texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
     return t.astype(np.float32)
 
 
-def _colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(0.05, 0.95, size=3).astype(np.float32)
+def _colour(rng: np.random.Generator, saturation: float = 1.0) -> np.ndarray:
+    rgb = rng.uniform(0.05, 0.95, size=3).astype(np.float32)
+    grey = np.float32(rgb.mean())
+    return grey + np.float32(saturation) * (rgb - grey)
 
 
-def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3)) -> dict:
+def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation: float = 1.0) -> dict:
     """One scene: ``image`` H×W×3 uint8, ``mask`` H×W int64 class ids, ``instances`` list."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -84,9 +87,9 @@ def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3)) -> dict:
     for r in range(n_reg):
         sel = region == r
         t = _texture(int(classes[r]), rng, yy, xx)[..., None]
-        c0, c1 = _colour(rng), _colour(rng)
+        c0, c1 = _colour(rng, saturation), _colour(rng, saturation)
         while np.abs(c0 - c1).sum() < 0.6:  # keep textures visible
-            c1 = _colour(rng)
+            c1 = _colour(rng, saturation)
         image[sel] = (c0 * (1 - t) + c1 * t)[sel]
         mask[sel] = int(classes[r])
     instances = []
@@ -106,7 +109,7 @@ def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3)) -> dict:
         # later things occlude earlier ones: their visible masks shrink
         for inst in instances:
             inst["mask"] &= ~m
-        colour = _colour(rng)
+        colour = _colour(rng, saturation)
         image[m] = colour + rng.normal(0, 0.03, size=(int(m.sum()), 3)).astype(np.float32)
         mask[m] = len(STUFF) + k
         instances.append({"category_id": k + 1, "mask": m.copy()})
@@ -150,7 +153,8 @@ class SyntheticScenes(SegDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things))
+        scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things),
+                             self.cfg.saturation)
         return {
             "index": index,
             "image": torch.from_numpy(scene["image"]).permute(2, 0, 1).contiguous(),

@@ -62,3 +62,29 @@ def convert_global_bn(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_global_bn(child))
     return module
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` (input B×C or B×C×L) with statistics over all workers' samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        x4 = x[:, :, None, None] if x.dim() == 2 else x.unsqueeze(-1)
+        return GlobalBatchNorm2d.forward(self, x4).reshape(x.shape)  # the same reduction, over B (and L)
+
+
+def convert_all_global_bn(module: nn.Module) -> nn.Module:
+    """Like :func:`convert_global_bn`, for ``nn.BatchNorm1d`` and ``nn.BatchNorm2d`` alike (in place)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new.to(child.weight.device if child.affine else "cpu"))
+        elif type(child) is nn.BatchNorm2d:
+            setattr(module, name, convert_global_bn(child))
+        else:
+            convert_all_global_bn(child)
+    return module

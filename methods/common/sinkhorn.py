@@ -69,7 +69,8 @@ class EmbeddingQueue(torch.nn.Module):
     all-reduced. A method that runs under DDP must list the buffers in ``_ddp_params_and_buffers_to_ignore``
     so that DDP's buffer broadcast does not replace every worker's queue with rank 0's.
     ``init="uniform"``: U(−1/√(D/3), 1/√(D/3)) (ViCE, VISSL); ``"zeros"``: SwAV/Leopart, where the queue joins
-    Sinkhorn only once its last row is non-zero (``full``).
+    Sinkhorn only once its last row is non-zero (``full``). The buffers are not persistent: the per-worker length
+    depends on the worker count, so a queue stays out of checkpoints (a resumed run refills it).
     """
 
     def __init__(self, length: int, dim: int, init: str = "zeros"):
@@ -80,8 +81,8 @@ class EmbeddingQueue(torch.nn.Module):
         if init == "uniform":
             bound = 1.0 / (dim / 3.0) ** 0.5
             items.uniform_(-bound, bound)
-        self.register_buffer("items", items)
-        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))
+        self.register_buffer("items", items, persistent=False)
+        self.register_buffer("pushed", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def length(self) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
 
 import yaml
 
@@ -250,7 +249,3 @@ optimizer.params.overrides = {{"pos_embed": {{"weight_decay": 0.0}}}}
 optimizer.lr = 1e-4
 optimizer.weight_decay = 0.1
 '''
-
-
-def shell_join(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)

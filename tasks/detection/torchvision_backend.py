@@ -11,7 +11,7 @@ Feature pyramids (both give levels "0".."3" at strides 4, 8, 16, 32 plus "pool" 
   The ViT runs at full attention (no windows, no relative position bias: the backbone is the pretrained
   model as it is; timm's dynamic image size interpolates the absolute position embedding to the input grid).
 
-Heads (protocol R50-FPN 1x): RPN with anchors ``anchor_sizes`` (one per level) × aspect ratios 0.5/1/2,
+Heads (protocol R50-FPN 1x): RPN with anchors ``anchor_sizes`` (one per level) × ``aspect_ratios`` (0.5/1/2),
 RoIAlign 7×7 (box) and 14×14 (mask) on levels 0..3, a ``box_convs``-conv ``box_fc``-fc box head (4conv1fc
 in the protocol) and a ``mask_convs``-conv mask head, with ``norm`` (bn = per-batch BatchNorm, the
 single-process stand-in for SyncBN; gn; ln; none) in the FPN and heads. ``mask=False`` gives Faster R-CNN.
@@ -122,8 +122,9 @@ def build_detector(body: DenseBackbone, num_classes: int, cfg) -> nn.Module:
     C = cfg.fpn_channels
     neck = SimpleFeaturePyramid(body, C) if body.is_vit else ResNetFPN(body, C, cfg.norm)
     norm = norm_factory(cfg.norm)
+    ratios = tuple(float(r) for r in cfg.aspect_ratios)
     anchors = AnchorGenerator(sizes=tuple((int(s),) for s in cfg.anchor_sizes),
-                              aspect_ratios=((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+                              aspect_ratios=(ratios,) * len(cfg.anchor_sizes))
     if len(cfg.anchor_sizes) != len(LEVELS) + 1:
         raise BenchError(f"tasks.det.anchor_sizes: expected {len(LEVELS) + 1} sizes (one per level p2..p6)")
     box_head = FastRCNNConvFCHead((C, 7, 7), [C] * cfg.box_convs, [cfg.box_fc] * (1 if cfg.box_convs else 2),
@@ -131,7 +132,7 @@ def build_detector(body: DenseBackbone, num_classes: int, cfg) -> nn.Module:
     common = dict(
         min_size=tuple(cfg.train_sizes), max_size=cfg.max_size, image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(C, 3, conv_depth=cfg.rpn_convs),
+        rpn_head=RPNHead(C, len(ratios), conv_depth=cfg.rpn_convs),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
         rpn_batch_size_per_image=cfg.rpn_batch_per_image,
@@ -290,7 +291,7 @@ def finetune(model: nn.Module, body: DenseBackbone, dataset, indices: list[int],
         first = value if first is None else first
         last = value if last is None else 0.9 * last + 0.1 * value
         if log and (it % max(cfg.iters // 10, 1) == 0 or it == cfg.iters - 1):
-            parts = " ".join(f"{k}={float(v):.3f}" for k, v in losses.items())
+            parts = " ".join(f"{k}={float(v.detach()):.3f}" for k, v in losses.items())
             log(f"det iter {it + 1}/{cfg.iters} loss {value:.3f} ({parts}) lr {cfg.lr * factor:.2e} "
                 f"{time.perf_counter() - t0:.0f}s")
     return {"first_loss": first, "final_loss_ema": last, "train_seconds": time.perf_counter() - t0}
