@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--status", metavar="JOB_ID", help="print a job's status")
     sb.add_argument("--logs", metavar="JOB_ID", help="print a job's logs")
     sb.add_argument("--stop", metavar="JOB_ID", help="stop a job")
-    sb.add_argument("command", nargs=argparse.REMAINDER, help="-- then the bench command to run")
+    sb.add_argument("bench_command", nargs=argparse.REMAINDER, metavar="command",
+                    help="-- then the bench command to run")
 
     pf = sub.add_parser("perf", help="benchmarks of the hot paths; writes results/perf.json and .md")
     pf.add_argument("--only", default=",".join(["sinkhorn", "kmeans", "ray", "data", "headline"]),
@@ -267,7 +268,7 @@ def cmd_submit(args) -> int:
     if args.stop:
         print("stopped" if submit.job_stop(args.address, args.stop) else "not running")
         return 0
-    command = list(args.command[1:]) if args.command[:1] == ["--"] else list(args.command)
+    command = list(args.bench_command[1:]) if args.bench_command[:1] == ["--"] else list(args.bench_command)
     job_id = submit.submit(args.address, command, pip=args.pip, follow=not args.no_follow)
     if args.no_follow:
         print(job_id)

@@ -82,3 +82,21 @@ def test_help_lists_registered_components(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "registered: methods" in out and "dino" in out and "linseg" in out
+
+
+def test_submit_parses_the_bench_command_after_double_dash():
+    from bench.cli import build_parser
+    from bench.submit import build_entrypoint, runtime_env
+
+    args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--", "run", "--methods", "dino"])
+    assert args.command == "submit" and args.bench_command == ["--", "run", "--methods", "dino"]
+    entry = build_entrypoint(["run", "--methods", "vice,clove"])
+    assert entry == "python -m bench run --methods vice,clove --address auto --no-progress"
+    env = runtime_env(pip=True)
+    assert ".venv" in env["excludes"] and "bench_runs" in env["excludes"]
+    assert any(r.startswith("torch") for r in env["pip"]) and env["env_vars"]["RAY_AUTH_MODE"]
+
+
+def test_submit_without_a_command_is_one_line(capsys):
+    code, err = _err(capsys, ["submit", "--address", "http://127.0.0.1:1"])
+    assert code == 2 and err.startswith("error: ")

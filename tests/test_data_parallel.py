@@ -20,7 +20,14 @@ def distributed():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
+# CrOC's reference normalises the clustering cost by the min/max of each GPU's batch, averages the centroid loss
+# over each GPU's valid centroids and samples cluster seeds per GPU: its loss depends on how the batch is split.
+KNOWN_SPLIT_DEPENDENT = {"croc"}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
+    strict=True, reason="per-GPU cost normalisation, centroid mean and seed sampling, as the reference"))
+    if m in KNOWN_SPLIT_DEPENDENT else m for m in sorted(CONFIGS)])
 def test_two_workers_match_one_process(method, distributed):
     ref = single_process(method, CONFIGS[method], N_IMAGES, seed=0)
     got = distributed[method]
