@@ -293,14 +293,20 @@ class TrialLogger(Callback):
         else:
             status = "early_stopped"
             msg = f"stopped early by ASHA at step {last.get('step', '?')} (proxy {last.get(PROXY, float('nan')):.2f})"
-        self.tracker.set_tags(rid, {"tune.status": status, "tune.stopped_at_step": last.get("step", "")})
+        self.tracker.set_tags(rid, {"tune.status": status, "tune.last_step": last.get("step", "")})
+        trial_dir = os.path.join(self.info["dir"], "trials", trial.trial_id)
+        if status == "completed" and os.path.isdir(trial_dir):  # the task's figures (e.g. linseg predictions)
+            for fname in sorted(os.listdir(trial_dir)):
+                if fname.endswith(".png"):
+                    self.tracker.log_artifact(rid, os.path.join(trial_dir, fname), "figures")
         self.tracker.finish(rid)
         entry["done"] = True
         entry["status"] = status
         entry["t_end"] = time.time()
         self._save()
         values = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-        print(f"  trial {trial.trial_id}: {values} -> {msg} ({last.get('time_total_s', 0):.0f} s)", flush=True)
+        wall = _trial_wall(entry) or 0.0
+        print(f"  trial {trial.trial_id}: {values} -> {msg} ({wall:.0f} s)", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._release_later(trial)
@@ -668,8 +674,7 @@ class Search:
         t.log_metrics(self.parent, {f"tune/{k}": v for k, v in counts.items()})
         t.log_metrics(self.parent, {"tune/wall_s": wall})
         if len(df):
-            t.log_table(self.parent, df.astype({c: "object" for c in df.columns if df[c].dtype == object}),
-                        "tune/trials.json")
+            t.log_table(self.parent, df, "tune/trials.json")
             t.log_artifact(self.parent, csv, "tune")
         if best:
             t.client.log_dict(self.parent, best, "tune/best_config.json")

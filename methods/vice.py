@@ -319,9 +319,13 @@ class ViCE(Method):
             loss = c.swav_weight * l_swav + anchor
         if use_queue:
             self.queue.push(pooled["emb"])
+        with torch.no_grad():  # collapse diagnostics: share of prototypes that win a region, mean cosine
+            emb0 = pooled["emb"]
+            used = torch.unique(codes.argmax(dim=1)).numel() / c.n_prototypes if codes.numel() else 0.0
+            cos = float((emb0 @ emb0.t()).mean()) if emb0 is not None and emb0.numel() else 0.0
         return {"loss": loss, "loss_swav": float(l_swav.detach()), "loss_coh": float(l_coh.detach()),
                 "regions_per_image": pooled["image"].numel() / max(b, 1), "code_entropy": float(ent),
-                "queue_used": float(use_queue)}
+                "prototypes_used": used, "embedding_cos": cos, "queue_used": float(use_queue)}
 
     def on_after_backward(self, step: int) -> None:
         if step < self.cfg.freeze_prototypes_iters:

@@ -98,7 +98,7 @@ class DetConfig:
     mask_convs: Optional[int] = None
     rpn_convs: Optional[int] = None
     norm: Optional[str] = None  # bn | gn | ln | none, in the FPN and heads
-    anchor_sizes: Optional[list] = None  # one per level p2..p6
+    anchor_sizes: Optional[list] = None  # one size (or a list of sizes) per level p2..p6
     aspect_ratios: Optional[list] = None  # anchor height/width ratios, the same at every level
     rpn_pre_nms_train: Optional[int] = None
     rpn_pre_nms_test: Optional[int] = None
@@ -142,6 +142,12 @@ class DetConfig:
             raise BenchError(f"{where}.norm: expected bn, gn, ln or none, got '{self.norm}'")
         if len(self.anchor_sizes) != 5:
             raise BenchError(f"{where}.anchor_sizes: expected 5 sizes (levels p2..p6), got {self.anchor_sizes}")
+        try:  # a size or a list of sizes per level -> a list of sizes per level
+            self.anchor_sizes = [[int(v) for v in (a if isinstance(a, (list, tuple)) else [a])]
+                                 for a in self.anchor_sizes]
+        except (TypeError, ValueError):
+            raise BenchError(f"{where}.anchor_sizes: expected 5 sizes or lists of sizes, got {self.anchor_sizes}") \
+                from None
         if not self.train_sizes:
             raise BenchError(f"{where}.train_sizes: expected at least one shorter-side size")
         self.steps = sorted(int(s) for s in self.steps)

@@ -358,6 +358,29 @@ def test_positions_follow_boxes_and_flips():
     assert torch.allclose(pos[0, 1], torch.tensor([[34.0, 28.0], [18.0, 28.0], [34.0, 44.0], [18.0, 44.0]]))
 
 
+def test_spatial_clusters_agree_across_views_in_source_coordinates():
+    """With a dominant positional term, tokens of the two views that cover the same source pixels fall in the
+    same cluster: the positions must honour each view's box and its flip."""
+    m = _method()
+    boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [16.0, 16.0, 80.0, 80.0]]])
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 64, 8, generator=g)
+    cls_keys = torch.randn(1, 2, 8, generator=g)
+    noise = torch.rand(1, 128, generator=g)
+    # view-1 token (i, j) covers the same source patch as view-2 token (i − 2, 9 − j) when view 2 is mirrored
+    pairs = [(i * 8 + j, (i - 2) * 8 + (9 - j)) for i in range(2, 8) for j in range(2, 8)]
+
+    def agreement(flip_seen_by_method):
+        pos = m._positions({"boxes": boxes, "flips": torch.tensor([[False, flip_seen_by_method]])}, (8, 8), "cpu")
+        res = cl.cluster_views(keys, cls_keys, pos, noise, lambda_pos=50.0)
+        assign = res.weights[0].argmax(dim=-1)  # 2×64
+        return sum(int(assign[0, a] == assign[1, b]) for a, b in pairs) / len(pairs)
+
+    right, wrong = agreement(True), agreement(False)
+    assert right >= 0.8  # tokens on cluster borders may go either way
+    assert wrong < right - 0.2  # ignoring the flip breaks the correspondence
+
+
 def test_config_validation_is_one_clear_error():
     from methods.croc import CrOCConfig
 

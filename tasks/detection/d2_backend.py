@@ -88,7 +88,7 @@ def run(cfg, body, data, train_idx: list[int], val_idx: list[int], names: list[s
     family = cfg.d2_config or ("cityscapes_R_50_FPN" if data.name.startswith("cityscapes") else "coco_R_50_FPN_1x")
     overrides = {
         "MODEL": {"MASK_ON": bool(cfg.mask), "ROI_HEADS": {"NUM_CLASSES": len(names)},
-                  "ANCHOR_GENERATOR": {"SIZES": [[int(s)] for s in cfg.anchor_sizes],
+                  "ANCHOR_GENERATOR": {"SIZES": [list(s) for s in cfg.anchor_sizes],
                                        "ASPECT_RATIOS": [[float(r) for r in cfg.aspect_ratios]]}},
         "DATASETS": {"TRAIN": [split_names[0]], "TEST": [split_names[1]]},
         "SOLVER": {"IMS_PER_BATCH": cfg.batch_size, "BASE_LR": cfg.lr, "STEPS": list(cfg.steps),

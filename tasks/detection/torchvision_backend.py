@@ -123,16 +123,18 @@ def build_detector(body: DenseBackbone, num_classes: int, cfg) -> nn.Module:
     neck = SimpleFeaturePyramid(body, C) if body.is_vit else ResNetFPN(body, C, cfg.norm)
     norm = norm_factory(cfg.norm)
     ratios = tuple(float(r) for r in cfg.aspect_ratios)
-    anchors = AnchorGenerator(sizes=tuple((int(s),) for s in cfg.anchor_sizes),
-                              aspect_ratios=(ratios,) * len(cfg.anchor_sizes))
     if len(cfg.anchor_sizes) != len(LEVELS) + 1:
         raise BenchError(f"tasks.det.anchor_sizes: expected {len(LEVELS) + 1} sizes (one per level p2..p6)")
+    sizes = tuple(tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else [s])) for s in cfg.anchor_sizes)
+    if len({len(s) for s in sizes}) != 1:
+        raise BenchError("tasks.det.anchor_sizes: every level needs the same number of sizes")
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,) * len(sizes))
     box_head = FastRCNNConvFCHead((C, 7, 7), [C] * cfg.box_convs, [cfg.box_fc] * (1 if cfg.box_convs else 2),
                                   norm_layer=norm)
     common = dict(
         min_size=tuple(cfg.train_sizes), max_size=cfg.max_size, image_mean=list(IMAGENET_MEAN),
         image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(C, len(ratios), conv_depth=cfg.rpn_convs),
+        rpn_head=RPNHead(C, len(ratios) * len(sizes[0]), conv_depth=cfg.rpn_convs),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
         rpn_batch_size_per_image=cfg.rpn_batch_per_image,
