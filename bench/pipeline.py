@@ -178,7 +178,9 @@ class Pipeline:
         self.tracker.log_params(rid, {"method": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
                                       "backbone": to_dict(c.backbone)})
         t = time.perf_counter()
-        if os.path.exists(final):
+        if os.path.exists(final):  # trained by an interrupted attempt that had not yet logged it
+            self.console.print(f"  {method}: pretraining already finished in run {self.run_id} "
+                               f"(final checkpoint found), logging it")
             result = {}
         else:
             result = self._fit(method, pcfg, out_dir)

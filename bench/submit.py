@@ -68,10 +68,18 @@ def submit(address: str, command: list[str], pip: bool = False, follow: bool = T
     out = out or sys.stdout
     client = _client(address)
     entry = build_entrypoint(command)
-    try:
-        job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env(pip))
-    except Exception as exc:
-        raise BenchError(f"submit: the cluster refused the job ({str(exc).splitlines()[0][:200]})") from None
+    job_id = None
+    for attempt in range(30):
+        try:
+            job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env(pip))
+            break
+        except Exception as exc:
+            text = str(exc).splitlines()[0][:200]
+            # a cluster that just started has no job agent for a few seconds: wait for it
+            if "No available agent" in text and attempt < 29:
+                time.sleep(2.0)
+                continue
+            raise BenchError(f"submit: the cluster refused the job ({text})") from None
     print(f"submitted job {job_id}: {entry}", file=out, flush=True)
     if follow:
         status = stream_logs(client, job_id, out)

@@ -397,6 +397,14 @@ def test_lars_matches_the_reference_rule_by_hand():
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * trust * g, atol=1e-7)
     # 1-D: no weight decay, no trust scaling
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
+    # the reference recipe is a valid pretrain section that selects LARS
+    from bench.config import build
+    from bench.optim import LARS
+    from methods.clove import REFERENCE_PRETRAIN
+
+    ref = build(PretrainConfig, REFERENCE_PRETRAIN, "pretrain")
+    assert ref.optimizer == "lars" and ref.clip_grad == 0 and ref.weight_decay == ref.weight_decay_end
+    assert isinstance(build_optimizer([{"params": [torch.nn.Parameter(torch.ones(2, 2))]}], ref), LARS)
 
 
 # ----------------------------------------------------------------------------------- training
