@@ -498,8 +498,8 @@ class Search:
         if o.asha:
             self.proxy_every = self.proxy_every or max(1, self.total // 4)
             if self.proxy_every >= self.total:
-                raise BenchError(f"pretrain.proxy_every {self.proxy_every}: pretraining has only {self.total} steps, so "
-                                 f"ASHA gets no intermediate score; lower proxy_every or pass --no-asha")
+                raise BenchError(f"pretrain.proxy_every {self.proxy_every}: pretraining has only {self.total} steps, "
+                                 f"so ASHA gets no intermediate score; lower proxy_every or pass --no-asha")
         check_settings(self.proxy_every, self.pcfg.proxy_images, self.pcfg.proxy_metric)
         task_cls = TASKS.get(o.task)
         self.primary = task_cls.primary
@@ -582,8 +582,8 @@ class Search:
         from ray.tune import Tuner
 
         if self.resume and Tuner.can_restore(os.path.join(self.dir, TUNE_DIR)):
-            tuner = Tuner.restore(os.path.join(self.dir, TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+            tuner = Tuner.restore(os.path.join(self.dir, TUNE_DIR), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
         else:
             tuner = self._new_tuner(trainable, concurrent)
         # intermediate results carry ASHA's proxy, only the last one the objective: Tune's strict check wants

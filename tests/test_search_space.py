@@ -110,7 +110,8 @@ def test_space_only_and_user_fixed_fields():
     assert "dino.teacher_temp" not in space.domains and "dino.student_temp" in space.domains
     assert any("dino.teacher_temp" in n for n in space.notes)
     # ... unless --space names it explicitly
-    space = build_space("dino", ["dino.teacher_temp=uniform(0.03,0.05)"], user={"methods": {"dino": {"teacher_temp": 0.05}}})
+    space = build_space("dino", ["dino.teacher_temp=uniform(0.03,0.05)"],
+                        user={"methods": {"dino": {"teacher_temp": 0.05}}})
     assert space.text["dino.teacher_temp"] == "uniform(0.03, 0.05)"
 
 
@@ -142,7 +143,8 @@ def test_valid_keys_are_the_config_fields():
 
 
 @pytest.mark.parametrize("item,message", [
-    ("dino.teacher_tmp=uniform(0.01,0.1)", r"unknown hyperparameter 'dino.teacher_tmp'; valid: dino.out_dim, .*dino.teacher_temp"),
+    ("dino.teacher_tmp=uniform(0.01,0.1)",
+     r"unknown hyperparameter 'dino.teacher_tmp'; valid: dino.out_dim, .*dino.teacher_temp"),
     ("croc.lambda_pos=uniform(0,1)", r"unknown hyperparameter 'croc.lambda_pos': this search is over method 'dino'"),
     ("pretrain.epochs=randint(1,3)", r"unknown hyperparameter 'pretrain.epochs'; valid: .*pretrain.lr"),
     ("dino.teacher_temp=loguniform(0.1,0.01)", r"low 0.1 > high 0.01"),
@@ -210,7 +212,8 @@ def test_nothing_to_search():
     (["tune", "--trials", "3"], "error: --method: required"),
     (["tune", "--method", "dino", "--concurrent", "-1"], "error: --concurrent -1: expected 0"),
     (["tune", "--resume", "nosuch"], "error: --resume nosuch: no search named 'nosuch'"),
-    (["tune", "--resume", "x", "--method", "dino"], "error: --resume x: continues with the search's own settings; drop --method"),
+    (["tune", "--resume", "x", "--method", "dino"],
+     "error: --resume x: continues with the search's own settings; drop --method"),
     (["run", "--from-tune", "nosuch"], "error: --from-tune nosuch: no search named 'nosuch'"),
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
