@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="-- then the bench command to run")
 
     pf = sub.add_parser("perf", help="benchmarks of the hot paths; writes results/perf.json and .md")
-    pf.add_argument("--only", default=",".join(["sinkhorn", "kmeans", "ray", "data", "headline"]),
-                    help="comma-separated: sinkhorn, kmeans, ray, data, headline")
-    pf.add_argument("--methods", default="vice,clove,croc", help="methods for ray/data/headline")
-    pf.add_argument("--steps", type=int, default=20, help="pretraining steps for the ray benchmark")
+    pf.add_argument("--only", default=",".join(["sinkhorn", "kmeans", "ray", "data", "headline", "tune"]),
+                    help="comma-separated: sinkhorn, kmeans, ray, data, headline, tune")
+    pf.add_argument("--methods", default="vice,clove,croc", help="methods for ray/data/headline/tune")
+    pf.add_argument("--steps", type=int, default=30, help="pretraining steps for the ray and tune benchmarks")
     pf.add_argument("--out", default="results/perf", help="output prefix (.json and .md are written)")
     pf.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
 

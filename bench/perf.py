@@ -9,6 +9,7 @@ device) heads the report. Results go to ``results/perf.json`` and ``results/perf
     ray        the pretraining loop through TorchTrainer (1 worker) vs called directly, per method
     data       view-pipeline images/s vs training-step images/s, per method
     headline   ``bench run --methods vice,clove,croc --tasks linseg`` wall time split by phase
+    tune       one ``bench tune`` trial's wall time vs the same pretraining + evaluation called directly
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from bench import checkpoint as ckpt
 from bench.errors import BenchError
 
-ALL = ["sinkhorn", "kmeans", "ray", "data", "headline"]
+ALL = ["sinkhorn", "kmeans", "ray", "data", "headline", "tune"]
 
 
 def environment() -> dict:
@@ -91,36 +92,60 @@ def bench_sinkhorn(tiny: bool = False) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------- kmeans
 
-def bench_kmeans(tiny: bool = False) -> list[dict]:
+def bench_kmeans(tiny: bool = False, seeds: int = 5) -> list[dict]:
+    """k-means++ + Lloyd from one seeding per run (n_init=1 on both sides); one seeding's inertia is a draw, so
+    each case is run with several seeds and the means are compared."""
     from sklearn.cluster import KMeans
 
     from tasks.cluster import kmeans
 
     rows = []
     g = torch.Generator().manual_seed(0)
+    seeds = 2 if tiny else seeds
     for n, d, k in ([(2000, 32, 10)] if tiny else [(20000, 192, 10), (50000, 192, 27)]):
         centres = torch.randn(k * 3, d, generator=g) * 3
         x = centres[torch.randint(0, k * 3, (n,), generator=g)] + torch.randn(n, d, generator=g)
-        t = time.perf_counter()
-        _, inertia_ours = kmeans(x, k, iters=100, seed=0)
-        t_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        km = KMeans(n_clusters=k, n_init=1, max_iter=100, tol=1e-4, random_state=0).fit(x.numpy())
-        t_sk = time.perf_counter() - t
-        rows.append({"case": f"N={n} D={d} K={k}", "ours_s": t_ours, "sklearn_s": t_sk, "speedup": t_sk / t_ours,
-                     "ours_inertia": inertia_ours, "sklearn_inertia": float(km.inertia_),
-                     "inertia_ratio": inertia_ours / float(km.inertia_)})
+        t_ours = t_sk = 0.0
+        in_ours, in_sk = [], []
+        for seed in range(seeds):
+            t = time.perf_counter()
+            _, inertia = kmeans(x, k, iters=100, seed=seed)
+            t_ours += time.perf_counter() - t
+            in_ours.append(inertia)
+            t = time.perf_counter()
+            km = KMeans(n_clusters=k, n_init=1, max_iter=100, tol=1e-4, random_state=seed).fit(x.numpy())
+            t_sk += time.perf_counter() - t
+            in_sk.append(float(km.inertia_))
+        rows.append({"case": f"N={n} D={d} K={k}", "seeds": seeds, "ours_s": t_ours / seeds,
+                     "sklearn_s": t_sk / seeds, "speedup": t_sk / t_ours, "ours_inertia": float(np.mean(in_ours)),
+                     "sklearn_inertia": float(np.mean(in_sk)),
+                     "inertia_ratio": float(np.mean(in_ours)) / float(np.mean(in_sk))})
     return rows
 
 
 # ----------------------------------------------------------------------------------------- ray overhead
+
+LOG_EVERY = 5  # steps per throughput window
+
+
+def _steady_images_per_s(out_dir: str, batch: int) -> float:
+    """Images/s over the logged windows after the first (a fresh process's first steps pay one-off costs:
+    allocator growth, lazy initialisation; those are start-up, not per-step overhead)."""
+    from bench.pretrain import read_metrics
+
+    rows = [r for r in read_metrics(out_dir) if r["step"] > LOG_EVERY and r["step"] % LOG_EVERY == 0]
+    if not rows:
+        return float("nan")
+    seconds = sum(LOG_EVERY * batch / r["images_per_s"] for r in rows)
+    return len(rows) * LOG_EVERY * batch / seconds
+
 
 def _loop_cfg(method: str, steps: int, out_dir: str, batch: int) -> dict:
     from bench.config import load_config, to_dict
 
     cfg = load_config(None, [f"pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}",
                              f"pretrain.batch_size={batch}", "pretrain.checkpoint_every=100000",
-                             "pretrain.log_every=1000000"], {"run": {"methods": [method]}})
+                             f"pretrain.log_every={LOG_EVERY}"], {"run": {"methods": [method]}})
     return {"method": method, "method_cfg": to_dict(cfg.methods[method]), "pretrain": to_dict(cfg.pretrain_for(method)),
             "backbone": to_dict(cfg.backbone), "dataset": "synthetic", "dataset_cfg": to_dict(cfg.data["synthetic"]),
             "seed": 0, "out_dir": out_dir}
@@ -142,6 +167,7 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             t = time.perf_counter()
             direct = train_loop(_loop_cfg(method, steps, os.path.join(tmp, "direct"), batch))
             wall_direct = time.perf_counter() - t
+            direct_steady = _steady_images_per_s(os.path.join(tmp, "direct"), batch)
             cfg = _loop_cfg(method, steps, os.path.join(tmp, "ray"), batch)
             cfg["pretrain"]["cpus_per_worker"] = threads
             trainer = TorchTrainer(train_loop, train_loop_config=cfg,
@@ -150,10 +176,13 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             t = time.perf_counter()
             res = trainer.fit().return_value
             wall_ray = time.perf_counter() - t
+            ray_steady = _steady_images_per_s(os.path.join(tmp, "ray"), batch)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rows.append({"method": method, "steps": steps, "direct_images_per_s": direct["images_per_s"],
-                     "ray_images_per_s": res["images_per_s"], "ratio": res["images_per_s"] / direct["images_per_s"],
+        rows.append({"method": method, "steps": steps, "direct_images_per_s": direct_steady,
+                     "ray_images_per_s": ray_steady, "ratio": ray_steady / direct_steady,
+                     "direct_all_steps_images_per_s": direct["images_per_s"],
+                     "ray_all_steps_images_per_s": res["images_per_s"],
                      "direct_wall_s": wall_direct, "ray_wall_s": wall_ray})
     return rows
 
@@ -213,6 +242,56 @@ def bench_headline(methods: list[str], sets: list[str]) -> dict:
     return {"methods": methods, "wall_s": wall, "phases_s": dict(pipe.timings.phases)}
 
 
+# -------------------------------------------------------------------------------------------------- tune
+
+def bench_tune(methods: list[str], steps: int, batch: int, tiny: bool = False) -> list[dict]:
+    """Tune's cost per trial: the first trial of a 1-trial search runs the method's configured values, so it
+    does exactly the work of ``train_loop`` + ``evaluate_method`` called in this process on the same config."""
+    import io
+
+    from rich.console import Console
+
+    from bench.config import load_config
+    from bench.data import build_dataset
+    from bench.evaluate import evaluate_method
+    from bench.pipeline import eval_spec, loop_config
+    from bench.pretrain import train_loop
+    from bench.raycluster import init_ray
+    from bench.tune import TuneOptions, new_search
+
+    init_ray()
+    rows = []
+    threads = torch.get_num_threads()
+    for method in methods:
+        tmp = tempfile.mkdtemp(prefix="bench-perf-tune-")
+        try:
+            sets = [f"pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}", f"pretrain.batch_size={batch}",
+                    "pretrain.checkpoint_every=100000", "pretrain.log_every=1000000"]
+            if tiny:
+                sets += ["data.synthetic.num_train=32", "data.synthetic.num_val=8", "tasks.linseg.epochs=1"]
+            cfg = load_config(None, sets, {"run": {"methods": [method], "tasks": ["linseg"], "storage": tmp},
+                                           "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db"}})
+            n = len(build_dataset("synthetic", cfg.data["synthetic"], "train"))
+            out = os.path.join(tmp, "direct")
+            t = time.perf_counter()
+            train_loop(loop_config(cfg, method, cfg.pretrain_for(method), out, threads))
+            evaluate_method(method, os.path.join(out, "final.pt"), ["linseg"], eval_spec(cfg, method, n), out,
+                            threads=threads)
+            direct_s = time.perf_counter() - t
+            t = time.perf_counter()
+            res = new_search(cfg, TuneOptions(method=method, task="linseg", trials=1, concurrent=1, asha=False,
+                                              name="perf"), console=Console(file=io.StringIO()))
+            search_s = time.perf_counter() - t
+            trial = res["trials"][0]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trial_s = trial["wall_s"] or float("nan")
+        rows.append({"method": method, "steps": steps, "direct_s": direct_s, "trial_s": trial_s,
+                     "trial_over_direct": trial_s / direct_s, "overhead_per_trial_s": trial_s - direct_s,
+                     "search_s": search_s, "status": trial["status"]})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def to_markdown(report: dict) -> str:
@@ -235,7 +314,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_perf(only: list[str], methods: list[str], out_prefix: str, tiny: bool = False, steps: int = 20,
+def run_perf(only: list[str], methods: list[str], out_prefix: str, tiny: bool = False, steps: int = 30,
              console=None) -> dict:
     from rich.console import Console
 
@@ -249,6 +328,13 @@ def run_perf(only: list[str], methods: list[str], out_prefix: str, tiny: bool = 
     except OSError as exc:
         raise BenchError(f"--out {out_prefix}: cannot create {folder} ({exc.strerror})") from None
     report = {"env": environment(), "results": {}}
+    if os.path.exists(out_prefix + ".json"):
+        # a partial re-run (--only) keeps the other benchmarks' results already in the file
+        try:
+            report["results"] = {k: v for k, v in ckpt.load_json(out_prefix + ".json").get("results", {}).items()
+                                 if k in ALL}
+        except (ValueError, OSError, AttributeError):
+            pass
     console.print("environment: " + ", ".join(f"{k} {v}" for k, v in report["env"].items()))
     batch = 8 if tiny else 32
     for name in only:
@@ -258,9 +344,11 @@ def run_perf(only: list[str], methods: list[str], out_prefix: str, tiny: bool = 
         elif name == "kmeans":
             res = bench_kmeans(tiny)
         elif name == "ray":
-            res = bench_ray(methods, 3 if tiny else steps, batch)
+            res = bench_ray(methods, 12 if tiny else steps, batch)
         elif name == "data":
             res = bench_data(methods, 8 if tiny else 64, batch)
+        elif name == "tune":
+            res = bench_tune(methods, 3 if tiny else steps, batch, tiny)
         else:
             sets = ([] if not tiny else ["pretrain.epochs=1", "pretrain.steps_per_epoch=2", "pretrain.batch_size=8",
                                          "data.synthetic.num_train=32", "data.synthetic.num_val=8",

@@ -8,7 +8,12 @@ import warnings
 
 
 def init_ray(address: str = "", num_cpus: int | None = None):
-    """Local Ray (dashboard on 127.0.0.1) when ``address`` is empty; otherwise join that cluster."""
+    """Local Ray when ``address`` is empty; otherwise join that cluster.
+
+    The local Ray starts without its dashboard unless ``BENCH_RAY_DASHBOARD=1`` (then on 127.0.0.1): its
+    processes poll continuously and cost a 2-core machine a measurable share of training throughput (see
+    ``bench perf --only ray``); results live in MLflow, and a cluster's head started by ``ray start`` has its own.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token must not lock out local runs
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -25,7 +30,8 @@ def init_ray(address: str = "", num_cpus: int | None = None):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard = os.environ.get("BENCH_RAY_DASHBOARD", "0") == "1"
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  **kwargs)
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)

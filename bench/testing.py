@@ -16,7 +16,7 @@ from bench.data.views import PretrainViews, build_view_transform, collate_views
 from methods.base import Schedule
 
 
-def _build(method: str, method_cfg: dict, seed: int, steps: int = 100):
+def _build(method: str, method_cfg: dict, seed: int, steps: int = 100, world: int = 1):
     from bench.registry import METHODS
     from bench.config import build
 
@@ -24,7 +24,7 @@ def _build(method: str, method_cfg: dict, seed: int, steps: int = 100):
     cfg = build(cls.config_class, method_cfg, f"methods.{method}")
     torch.manual_seed(seed)
     return cls(cfg, lambda: create_backbone("vit_tiny_d4_p8"), Schedule(total_steps=steps, steps_per_epoch=steps // 2,
-                                                                        epochs=2))
+                                                                        epochs=2, world_size=world))
 
 
 def global_batch(method_obj, n_images: int, seed: int) -> dict:
@@ -81,7 +81,7 @@ def _worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     results = {}
     for method, method_cfg in config["methods"].items():
-        m = _build(method, method_cfg, config["seed"])
+        m = _build(method, method_cfg, config["seed"], world=world)
         batch = shard(global_batch(m, config["n_images"], config["seed"]), rank, world)
         model = wrap_data_parallel(m, world)
         loss, grads = _step(m, model, batch, config["seed"])

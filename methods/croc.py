@@ -57,7 +57,7 @@ from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.clustering import cluster_views, global_mean, view_centroids
 from methods.common.dino_loss import DINOLoss
-from methods.common.dist import all_reduce_sum
+from methods.common.dist import all_reduce_sum, world_size
 from methods.common.ema import ema_update, make_teacher
 from methods.common.geometry import cell_centers
 from methods.common.heads import DINOHead
@@ -250,7 +250,7 @@ class CrOC(Method):
             if n_local > 0:
                 entropy_object = _target_entropy(self.loss_object, t_out, epoch)
                 # the mean over this worker's pairs, rescaled so the workers' average is the mean over all pairs
-                share = n_local * self.schedule.world_size / n_global
+                share = n_local * world_size() / n_global
                 loss_object = self.loss_object(list(s_out.chunk(2)), list(t_out.chunk(2)), epoch) * share
             else:
                 if self.training:

@@ -23,10 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_submit_to_a_two_node_cluster_places_workers_on_both_nodes(tmp_path):
+def test_submit_to_a_two_node_cluster_places_workers_on_both_nodes(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
+    # a job's entrypoint runs `python` from the cluster's environment: as on a real head node, that python must
+    # be the one with the project's dependencies (here: this interpreter's, also when its venv is not activated)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     dash = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})

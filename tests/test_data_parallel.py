@@ -3,11 +3,15 @@
 import pytest
 import torch
 
+from bench import plugins
 from bench.registry import METHODS
 from bench.testing import data_parallel, single_process
 
+plugins.load_all()  # the parametrisation below reads the registry at collection time
+
 # Small but real configs: every method's cross-sample statistics must be all-reduced to pass.
 CONFIGS = {name: {} for name in METHODS.names()}
+assert {"dino", "vice", "leopart", "clove", "croc"} <= set(CONFIGS), CONFIGS
 N_IMAGES = 4
 
 
@@ -20,14 +24,7 @@ def distributed():
     ray.shutdown()
 
 
-# CrOC's reference normalises the clustering cost by the min/max of each GPU's batch, averages the centroid loss
-# over each GPU's valid centroids and samples cluster seeds per GPU: its loss depends on how the batch is split.
-KNOWN_SPLIT_DEPENDENT = {"croc"}
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(
-    strict=True, reason="per-GPU cost normalisation, centroid mean and seed sampling, as the reference"))
-    if m in KNOWN_SPLIT_DEPENDENT else m for m in sorted(CONFIGS)])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_two_workers_match_one_process(method, distributed):
     ref = single_process(method, CONFIGS[method], N_IMAGES, seed=0)
     got = distributed[method]

@@ -36,9 +36,12 @@ def test_unknown_benchmark_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_perf_ray_and_headline_tiny(tmp_path, monkeypatch):
+def test_perf_ray_headline_and_tune_tiny(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    report = run_perf(["ray", "headline"], ["dino"], str(tmp_path / "perf"), tiny=True)
+    report = run_perf(["ray", "headline", "tune"], ["dino"], str(tmp_path / "perf"), tiny=True)
+    (row,) = report["results"]["tune"]
+    assert row["status"] == "completed" and row["direct_s"] > 0 and row["trial_s"] > 0
+    assert row["search_s"] >= row["trial_s"]
     (row,) = report["results"]["ray"]
     assert row["ratio"] > 0 and row["direct_images_per_s"] > 0
     phases = report["results"]["headline"]["phases_s"]

@@ -5,6 +5,9 @@ frequency and phase random), with 1–3 "thing" shapes on top (solid colour with
 instance masks and boxes. Colours never identify a class: a class is its texture or its shape, so a
 linear probe on raw pixels does poorly while features that understand local structure do well.
 
+Two knobs set how much colour varies as a nuisance: ``saturation`` (0 = grey levels) and ``tones`` (0 = every
+texture drawn in the same dark and light tone, so texture alone tells regions apart).
+
 Classes (10): 7 stuff textures then 3 things. Thing instances use COCO category ids 1..3.
 """
 
@@ -32,10 +35,16 @@ class SyntheticConfig:
     regions: tuple = (2, 4)  # stuff regions per image, inclusive range
     things: tuple = (1, 3)  # thing instances per image, inclusive range
     saturation: float = 1.0  # colour saturation of every region (0 = grey levels only)
+    tones: float = 1.0  # 1 = every region's two colours random; 0 = fixed dark/light tones (texture is all that varies)
+    cache: bool = True  # keep rendered scenes in memory (~60 KB each): later epochs and passes skip rendering
 
     def validate(self, where: str) -> None:
         if self.size < 32:
             raise BenchError(f"{where}.size: expected at least 32 pixels, got {self.size}")
+        if not 0.0 <= self.tones <= 1.0:
+            raise BenchError(f"{where}.tones: expected a number in [0, 1], got {self.tones}")
+        if self.saturation < 0:
+            raise BenchError(f"{where}.saturation: expected a non-negative number, got {self.saturation}")
         if self.num_train < 1 or self.num_val < 1:
             raise BenchError(f"{where}: num_train and num_val must be positive")
 
@@ -67,13 +76,15 @@ def _texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
     return t.astype(np.float32)
 
 
-def _colour(rng: np.random.Generator, saturation: float = 1.0) -> np.ndarray:
+def _colour(rng: np.random.Generator, saturation: float = 1.0, tones: float = 1.0, base: float = 0.5) -> np.ndarray:
     rgb = rng.uniform(0.05, 0.95, size=3).astype(np.float32)
+    rgb = np.float32(tones) * rgb + np.float32(1 - tones) * np.float32(base)
     grey = np.float32(rgb.mean())
     return grey + np.float32(saturation) * (rgb - grey)
 
 
-def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation: float = 1.0) -> dict:
+def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation: float = 1.0,
+                 tones: float = 1.0) -> dict:
     """One scene: ``image`` H×W×3 uint8, ``mask`` H×W int64 class ids, ``instances`` list."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -87,9 +98,9 @@ def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation
     for r in range(n_reg):
         sel = region == r
         t = _texture(int(classes[r]), rng, yy, xx)[..., None]
-        c0, c1 = _colour(rng, saturation), _colour(rng, saturation)
+        c0, c1 = _colour(rng, saturation, tones, 0.2), _colour(rng, saturation, tones, 0.8)
         while np.abs(c0 - c1).sum() < 0.6:  # keep textures visible
-            c1 = _colour(rng, saturation)
+            c1 = _colour(rng, saturation, tones, 0.8)
         image[sel] = (c0 * (1 - t) + c1 * t)[sel]
         mask[sel] = int(classes[r])
     instances = []
@@ -109,7 +120,7 @@ def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation
         # later things occlude earlier ones: their visible masks shrink
         for inst in instances:
             inst["mask"] &= ~m
-        colour = _colour(rng, saturation)
+        colour = _colour(rng, saturation, tones, 0.5)
         image[m] = colour + rng.normal(0, 0.03, size=(int(m.sum()), 3)).astype(np.float32)
         mask[m] = len(STUFF) + k
         instances.append({"category_id": k + 1, "mask": m.copy()})
@@ -146,6 +157,7 @@ class SyntheticScenes(SegDataset):
         self.n = cfg.num_train if split == "train" else cfg.num_val
         # disjoint seed ranges per split; the dataset seed shifts both
         self.base = cfg.seed * 10_000_000 + (0 if split == "train" else 5_000_000)
+        self._cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -153,12 +165,18 @@ class SyntheticScenes(SegDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things),
-                             self.cfg.saturation)
+        scene = self._cache.get(index)
+        if scene is None:
+            scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things),
+                                 self.cfg.saturation, self.cfg.tones)
+            scene["mask"] = scene["mask"].astype(np.uint8)  # 10 classes; int64 again on the way out
+            if self.cfg.cache:
+                self._cache[index] = scene
+        # copies: a consumer that edits its sample in place must not change the cached scene
         return {
             "index": index,
             "image": torch.from_numpy(scene["image"]).permute(2, 0, 1).contiguous(),
-            "mask": torch.from_numpy(scene["mask"]),
-            "instances": scene["instances"],
+            "mask": torch.from_numpy(scene["mask"]).long(),
+            "instances": [dict(inst, mask=inst["mask"].copy()) for inst in scene["instances"]],
         }
 
