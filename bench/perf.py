@@ -140,12 +140,16 @@ def _steady_images_per_s(out_dir: str, batch: int) -> float:
     return len(rows) * LOG_EVERY * batch / seconds
 
 
+def _short_run(steps: int, batch: int, log_every: int) -> list[str]:
+    """``--set`` overrides for a pretraining of exactly ``steps`` steps with no intermediate checkpoint."""
+    return ["pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}", f"pretrain.batch_size={batch}",
+            "pretrain.checkpoint_every=100000", f"pretrain.log_every={log_every}"]
+
+
 def _loop_cfg(method: str, steps: int, out_dir: str, batch: int) -> dict:
     from bench.config import load_config, to_dict
 
-    cfg = load_config(None, [f"pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}",
-                             f"pretrain.batch_size={batch}", "pretrain.checkpoint_every=100000",
-                             f"pretrain.log_every={LOG_EVERY}"], {"run": {"methods": [method]}})
+    cfg = load_config(None, _short_run(steps, batch, LOG_EVERY), {"run": {"methods": [method]}})
     return {"method": method, "method_cfg": to_dict(cfg.methods[method]), "pretrain": to_dict(cfg.pretrain_for(method)),
             "backbone": to_dict(cfg.backbone), "dataset": "synthetic", "dataset_cfg": to_dict(cfg.data["synthetic"]),
             "seed": 0, "out_dir": out_dir}
@@ -265,8 +269,7 @@ def bench_tune(methods: list[str], steps: int, batch: int, tiny: bool = False) -
     for method in methods:
         tmp = tempfile.mkdtemp(prefix="bench-perf-tune-")
         try:
-            sets = [f"pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}", f"pretrain.batch_size={batch}",
-                    "pretrain.checkpoint_every=100000", "pretrain.log_every=1000000"]
+            sets = _short_run(steps, batch, log_every=1000000)
             if tiny:
                 sets += ["data.synthetic.num_train=32", "data.synthetic.num_val=8", "tasks.linseg.epochs=1"]
             cfg = load_config(None, sets, {"run": {"methods": [method], "tasks": ["linseg"], "storage": tmp},
