@@ -101,8 +101,35 @@ BACKBONES.register("resnet50")(_resnet("resnet50", "resnet50", 2048))
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "student.", "teacher.")
 
 
-def _extract_state_dict(obj: object) -> dict:
+def _bench_eval_backbone_state(obj: dict, backbone_name: str) -> dict:
+    """A bench pretraining checkpoint (``final.pt`` / ``step_*.pt``: ``{"method", "method_state", ...}``) -> the
+    state of the method's evaluation backbone (``Method.eval_backbone()``: DINO's teacher, CLoVE's configured
+    branch, ...), keyed as the backbone's own ``state_dict``. This is how a method that fine-tunes another's
+    weights (Leopart from DINO, as the reference does) chains on a bench run."""
+    from bench import plugins
+    from bench.config import BackboneConfig
+    from bench.pretrain import build_method
+    from bench.registry import METHODS
+    from methods.base import Schedule
+
+    plugins.load_all()
+    name = obj["method"]
+    if name not in METHODS.names():
+        raise BenchError(f"checkpoint of method '{name}', which is not registered here")
+    with torch.device("meta"):  # only the module tree is needed, to find where the evaluation backbone sits
+        probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
+    target = probe.eval_backbone()
+    prefix = next((n + "." for n, m in probe.named_modules() if m is target and n), "")
+    state = {k[len(prefix):]: v for k, v in obj["method_state"].items() if k.startswith(prefix)}
+    if not state:
+        raise BenchError(f"checkpoint of method '{name}' holds no '{prefix}*' tensors")
+    return state
+
+
+def _extract_state_dict(obj: object, backbone_name: str = "") -> dict:
     if isinstance(obj, dict):
+        if isinstance(obj.get("method_state"), dict) and isinstance(obj.get("method"), str):
+            return _bench_eval_backbone_state(obj, backbone_name)
         for key in ("backbone", "state_dict", "model", "teacher", "student"):
             if key in obj and isinstance(obj[key], dict):
                 return _extract_state_dict(obj[key])
@@ -117,7 +144,7 @@ def load_init(backbone: DenseBackbone, path: str) -> int:
         raise BenchError(f"--init {path}: file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        state = _extract_state_dict(obj)
+        state = _extract_state_dict(obj, backbone.name)
     except BenchError as exc:
         raise BenchError(f"--init {path}: {exc}") from None
     except Exception as exc:  # a truncated or foreign file: say so in one line

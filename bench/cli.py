@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pretrain-data", help="dataset for pretraining only")
     run.add_argument("--eval-data", help="dataset for evaluation only")
     run.add_argument("--backbone", help="backbone name (default vit_tiny_d4_p8)")
-    run.add_argument("--init", help="local checkpoint to initialise the backbone from (weights_only load)")
+    run.add_argument("--init", help="local checkpoint to initialise the backbone from (weights_only load); a bench "
+                     "final.pt gives that method's evaluation backbone")
     run.add_argument("--workers", type=int, help="Ray Train workers for pretraining (default 1)")
     run.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
     run.add_argument("--epochs", type=int, help="pretraining epochs (same as --set pretrain.epochs=N)")

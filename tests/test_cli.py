@@ -67,6 +67,33 @@ def test_init_checkpoint_loads_matching_weights(tmp_path):
         assert torch.equal(dst.model.state_dict()[k], v)
 
 
+def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
+    """A DINO ``final.pt`` holds student and teacher; ``--init`` must load the teacher (DINO's evaluation
+    backbone), not whichever backbone comes first."""
+    import torch
+
+    from bench import plugins
+    from bench.backbones import create_backbone
+    from bench.pretrain import build_method
+    from bench.config import BackboneConfig
+    from methods.base import Schedule
+
+    plugins.load_all()
+    torch.manual_seed(0)
+    dino = build_method("dino", {}, BackboneConfig(), Schedule(2, 1, 2))
+    with torch.no_grad():
+        for p in dino.teacher.backbone.parameters():
+            p.add_(1.0)  # teacher now differs from the student everywhere
+    torch.save({"method": "dino", "step": 2, "method_state": dino.state_dict()}, tmp_path / "final.pt")
+    dst = create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "final.pt"))
+    teacher = dino.teacher.backbone.model.state_dict()
+    for k, v in dst.model.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    torch.save({"method": "nope", "step": 0, "method_state": {}}, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="method 'nope', which is not registered"):
+        create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "other.pt"))
+
+
 def test_unwritable_storage(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     code, err = _err(capsys, ["run", "--storage", "afile/sub", "--no-progress"])

@@ -102,3 +102,48 @@ def test_dino_training_step_runs_and_freezes_last_layer_in_first_epoch():
     assert method.eval_backbone() is method.teacher.backbone
     feats = method.dense_features(batch["views"][0])
     assert feats.shape == (4, 192, 8, 8)
+
+
+def test_dino_embedding_is_cls_or_the_mean_of_patch_tokens():
+    """``embedding=patch_mean`` feeds the head the mean of the patch tokens, so the image-level loss reaches the
+    patch tokens' outputs, the dense features that are evaluated (with ``cls`` they get no gradient at all)."""
+    from bench.backbones import create_backbone
+    from methods.base import Schedule
+    from methods.dino import DINO, DINOConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    grads = {}
+    for emb in ("cls", "patch_mean"):
+        torch.manual_seed(0)
+        cfg = DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, embedding=emb)
+        method = DINO(cfg, lambda: create_backbone("vit_tiny_d4_p8"), Schedule(2, 1, 2))
+        pair = method.student
+        cls, tokens, _ = pair.backbone.forward_tokens(x)
+        want = cls if emb == "cls" else tokens.mean(dim=1)
+        assert torch.allclose(pair.embed(x), want, atol=1e-6)
+        store = {}
+
+        def keep(mod, args, out):
+            out.retain_grad()
+            store["out"] = out
+
+        handle = pair.backbone.model.norm.register_forward_hook(keep)
+        pair.embed(x).square().sum().backward()
+        handle.remove()
+        grads[emb] = store["out"].grad[:, 1:].abs()  # the patch tokens' rows of the final norm's output
+    assert grads["cls"].max() == 0
+    assert (grads["patch_mean"].sum(-1) > 0).all()
+
+
+def test_dino_config_rejects_unknown_embedding_and_negative_jitter():
+    import pytest
+
+    from bench.config import build
+    from bench.errors import BenchError
+    from methods.dino import DINOConfig
+
+    with pytest.raises(BenchError, match="embedding: expected cls or patch_mean, got 'avg'"):
+        build(DINOConfig, {"embedding": "avg"}, "methods.dino")
+    with pytest.raises(BenchError, match="jitter_strength: expected a non-negative number"):
+        build(DINOConfig, {"jitter_strength": -1}, "methods.dino")
