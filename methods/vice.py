@@ -15,8 +15,8 @@ differ):
   loss ``mean_{v,b} mean_r mean_{i∈r} ‖z̄_i − e_r + 1e-6‖``; *mean* mode (FPN configs): ``σ = C·normalise(mean_r z)``
   over ids > 0 (the reference drops id 0 in this mode), no coherence term;
 * rows align across views by (image, id), the reference's ascending-id order;
-* Sinkhorn (ε 0.05, 3 iterations, distributed) on **view 0 only** (+ the queue's rows, scored with the current
-  prototypes); views 1…V−1 predict those codes: ``L_swav = 1/(V−1) Σ_v mean_n −Σ_k q log softmax(σ_v/τ)``, τ 0.1;
+* Sinkhorn (ε 0.05, CPU default 0.02; 3 iterations, distributed) on **view 0 only** (+ the queue's rows, scored
+  with the current prototypes); views 1…V−1 predict those codes: ``L_swav = 1/(V−1) Σ_v mean_n −Σ_k q log softmax(σ_v/τ)``, τ 0.1;
   view 0's predictions get no loss; total ``(w_coh·L_coh + w_swav·L_swav)/2`` (representative) or ``L_swav`` (mean);
 * queue (embeddings, not scores), initialised U(±1/√(D/3)), used and filled with view 0's region embeddings from
   ``queue_start_iter`` on (the reference uses it while it still holds its random initial rows).
@@ -28,9 +28,10 @@ Deviations (each a config field; reference values in the comments of :class:`ViC
   8-px patches, random init; ``--init`` loads a local checkpoint, e.g. supervised weights) feeds a light
   DeepLabV3+-style decoder: a 1×1 projection of the last map stands in for ASPP (dilations 12/24/36 are meaningless
   on an 8×8 token grid), a stride-4 low-level branch (a two-conv stem for ViTs, layer1 for ResNets) replaces
-  layer1's 48-channel skip, two depthwise-separable 3×3 convs and a 1×1 to 128 give a stride-4 map that is bilinearly
-  upsampled to stride ``train_stride`` (ref 1, the input resolution) for the loss and ``eval_stride`` for evaluation;
-  superpixel maps are sampled at the cell centres of that grid;
+  layer1's 48-channel skip, depthwise-separable 3×3 convs (``fuse_convs``: ref 2, 0 on the CPU default, see below)
+  and a 1×1 to 128 give a stride-4 map that is bilinearly upsampled to stride ``train_stride`` (ref 1, the input
+  resolution) for the loss and ``eval_stride`` for evaluation; superpixel maps are sampled at the cell centres of
+  that grid;
 * GroupNorm instead of (Sync)BatchNorm in the decoder: on CPU workers SyncBN is unavailable and per-worker BN would
   make results depend on the worker count;
 * loss means are taken over the global set of regions (counts all-reduced), so that N data-parallel workers give
@@ -48,17 +49,26 @@ Deviations (each a config field; reference values in the comments of :class:`ViC
 Evaluation (``dense_features``): the decoder's 128-d map, L2-normalised per pixel, as the reference's
 ``DenseSwAVModule``; no superpixels.
 
-From random init (measured on the synthetic default, 96 steps, linseg mIoU; the backbone's random-init row is
-53.60): the *untrained* decoder's map scores 32.72, so ViCE starts 21 points below the random-init row, which
-evaluates the backbone's tokens and has no decoder. The swapped prediction then collapses within 20–50 steps
-(region embeddings' mean cosine → 0.99, code entropy and loss → ln K) under every setting tried: lr 1e-3 23.8,
-3e-4 with the prototypes frozen for 48 steps 34.2, mean pooling 33.9, no jitter or masking 32.6, a CLoVE-trained
-backbone as init (proxy falling 23 → 21). The cause is the views' correspondence as a random network sees it:
-the centred cosine between the two views' features of the same superpixel is −0.17 at the reference jitter,
-+0.04 at 0.25 and +0.20 without jitter or masking (their pixel means correlate at 0.96 without jitter, so the
-geometry is right); the codes of view 0 are unpredictable from view 1, and a uniform prediction is the optimum
-within reach. Slowing the collapse is what helps: lr 1e-4, jitter 0.25, prototypes fixed gave 37.6 (the backbone
-under it 54.6). The reference avoids the regime by starting from supervised ImageNet weights (``--init``).
+From random init (measured on the synthetic default, 96 steps, lr 1e-4, linseg mIoU; the backbone's random-init
+row is 53.60). Two deviations make ViCE learn here, both config fields:
+
+* ``epsilon=0.02`` (ref 0.05). At 0.05 the Sinkhorn codes of a random network's regions are nearly uniform (entropy
+  4.8 of ln 128 = 4.85) and the swapped prediction collapses within 20–50 steps: region embeddings' mean cosine
+  → 0.99, loss → ln K. That happened under every other setting tried (lr 1e-3 23.8; 3e-4 with prototypes frozen
+  48 steps 34.2; mean pooling 33.9; no jitter or masking 32.6; 128 → 32 prototypes without queue; a CLoVE-trained
+  init). At 0.02 the codes carry information (entropy 3.5–3.9), the embeddings stay apart (cosine 0.80 → 0.73)
+  and the loss falls: with the reference decoder ViCE rises from its untrained 32.72 to 47.89. The number of
+  Sinkhorn iterations does not matter here (3: 61.68, 10: 61.75).
+* ``fuse_convs=0`` (ref 2 separable 3×3 convs after the concatenation). The *untrained* decoder's map scores 32.72
+  with the two convs (the concatenated branches before them: 65.54), so ViCE started 21 points below the
+  random-init row, which evaluates the backbone and has no decoder; a CPU run is too short for those convs to
+  learn what they destroy. Without them the untrained map scores 59.82 and ViCE trains it to 61.68.
+
+Also on the CPU default: lr 1e-4, prototypes fixed for the reference's 313 iterations and jitter 0.25, which slowed
+the collapse before the ε change (37.6). Why a random network needs all this: the centred cosine between two views'
+features of the same superpixel is −0.17 at the reference jitter, +0.04 at 0.25 and +0.20 without jitter or
+masking (their pixel means correlate at 0.96 without jitter, so the geometry is right). The reference avoids the
+regime by starting from supervised ImageNet weights (``--init``).
 """
 
 from __future__ import annotations
@@ -99,6 +109,7 @@ class ViCEConfig:
     embed_dim: int = 128  # OUT_FEAT_DIM
     decoder_dim: int = 128  # ref 256 (DECODER_CH)
     low_level_dim: int = 48
+    fuse_convs: int = 0  # separable 3×3 convs after the concatenation (ref 2; see the module docstring)
     decoder_norm: str = "gn"  # gn | bn (ref SyncBN)
     train_stride: int = 2  # pixels per cell of the map the loss sees; ref 1 (input resolution)
     eval_stride: int = 4  # pixels per cell of dense_features; ref 1
@@ -106,7 +117,7 @@ class ViCEConfig:
     pooling: str = "representative"  # representative (ref COCO DeepLab) | mean (ref FPN)
     # ---- loss
     temperature: float = 0.1
-    epsilon: float = 0.05
+    epsilon: float = 0.02  # ref 0.05 (see "From random init" in the module docstring)
     sinkhorn_iters: int = 3
     hard_assignment_iters: int = 0  # one-hot (argmax) codes for the first N iterations (temp_hard_assignment_iters)
     coherence_weight: float = 1.0
@@ -130,6 +141,8 @@ class ViCEConfig:
             raise BenchError(f"{where}: n_prototypes and embed_dim must be at least 2")
         if self.temperature <= 0 or self.epsilon <= 0 or self.sinkhorn_iters < 1:
             raise BenchError(f"{where}: temperature and epsilon must be positive, sinkhorn_iters at least 1")
+        if self.fuse_convs < 0:
+            raise BenchError(f"{where}.fuse_convs: expected 0 or more separable convs, got {self.fuse_convs}")
         if self.jitter_strength < 0:
             raise BenchError(f"{where}.jitter_strength: expected a non-negative number, got {self.jitter_strength}")
         if self.queue_length < 0 or self.region_size < 1:
@@ -174,9 +187,10 @@ class DenseTrunk(nn.Module):
                                   _norm(norm, cfg.decoder_dim), nn.ReLU(inplace=True))
         self.low = nn.Sequential(nn.Conv2d(low_in, cfg.low_level_dim, 1, bias=False),
                                  _norm(norm, cfg.low_level_dim), nn.ReLU(inplace=True))
-        self.fuse = nn.Sequential(SepConv(cfg.decoder_dim + cfg.low_level_dim, cfg.decoder_dim, norm),
-                                  SepConv(cfg.decoder_dim, cfg.decoder_dim, norm))
-        self.out = nn.Conv2d(cfg.decoder_dim, cfg.embed_dim, 1)
+        cat_dim = cfg.decoder_dim + cfg.low_level_dim
+        self.fuse = nn.Sequential(*[SepConv(cat_dim if i == 0 else cfg.decoder_dim, cfg.decoder_dim, norm)
+                                    for i in range(cfg.fuse_convs)])
+        self.out = nn.Conv2d(cfg.decoder_dim if cfg.fuse_convs else cat_dim, cfg.embed_dim, 1)
         for mod in [self.high, self.low, self.fuse, self.out] + ([self.stem] if self.stem is not None else []):
             for m in mod.modules():
                 if isinstance(m, nn.Conv2d):
@@ -375,7 +389,7 @@ class ViCE(Method):
 
         return {
             "temperature": tune.loguniform(0.05, 0.3),
-            "epsilon": tune.loguniform(0.02, 0.1),
+            "epsilon": tune.loguniform(0.01, 0.1),
             "n_prototypes": tune.choice([32, 64, 128, 256]),
             "queue_length": tune.choice([0, 1024, 3072, 8192]),
             "region_size": tune.choice([6, 8, 12]),

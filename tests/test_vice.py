@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from bench.config import BackboneConfig
 from bench.data.superpixels import (SuperpixelViews, SuperpixelViewSpec, crop_padded, grid_labels,
@@ -183,6 +184,17 @@ def test_slic_respects_strong_colour_edges_and_grid_cells_have_the_region_size()
         assert len(np.unique(quadrant[lab == i])) == 1  # no superpixel crosses a colour edge
     g = grid_labels(40, 40, 8)
     assert len(np.unique(g)) == 25 and (np.bincount(g.ravel()) == 64).all()
+
+
+def test_decoder_depth_is_the_number_of_separable_convs():
+    x = torch.randn(2, 3, 64, 64)
+    for n in (0, 1, 2):
+        m = _vice(fuse_convs=n)
+        assert len(m.trunk.fuse) == n
+        assert sum(isinstance(mod, nn.Conv2d) and mod.groups > 1 for mod in m.trunk.modules()) == n  # depthwise
+        assert m.trunk(x).shape == (2, 128, 16, 16)
+    with pytest.raises(BenchError, match="fuse_convs"):
+        _vice(fuse_convs=-1)
 
 
 def test_bad_config_is_a_bench_error():
