@@ -116,8 +116,14 @@ def _bench_eval_backbone_state(obj: dict, backbone_name: str) -> dict:
     name = obj["method"]
     if name not in METHODS.names():
         raise BenchError(f"checkpoint of method '{name}', which is not registered here")
-    with torch.device("meta"):  # only the module tree is needed, to find where the evaluation backbone sits
-        probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
+    # Only the module tree is needed, to find where the evaluation backbone sits: build it on the meta device
+    # (CPU if a constructor needs real values), without touching the caller's RNG, which seeds the run's init.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
+        except (RuntimeError, NotImplementedError):
+            probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
     target = probe.eval_backbone()
     prefix = next((n + "." for n, m in probe.named_modules() if m is target and n), "")
     state = {k[len(prefix):]: v for k, v in obj["method_state"].items() if k.startswith(prefix)}

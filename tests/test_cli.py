@@ -89,6 +89,18 @@ def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
     teacher = dino.teacher.backbone.model.state_dict()
     for k, v in dst.model.state_dict().items():
         assert torch.equal(v, teacher[k]), k
+    # every method's checkpoint resolves to its evaluation backbone, and loading leaves the caller's RNG alone
+    for name in ("vice", "leopart", "clove", "croc"):
+        m = build_method(name, {}, BackboneConfig(), Schedule(2, 1, 2))
+        torch.save({"method": name, "step": 2, "method_state": m.state_dict()}, tmp_path / f"{name}.pt")
+        torch.manual_seed(5)
+        dst = create_backbone("vit_tiny_d4_p8", init=str(tmp_path / f"{name}.pt"))
+        after = torch.rand(1)
+        torch.manual_seed(5)
+        create_backbone("vit_tiny_d4_p8")
+        assert torch.equal(after, torch.rand(1)), name
+        want = m.eval_backbone().model.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in dst.model.state_dict().items()), name
     torch.save({"method": "nope", "step": 0, "method_state": {}}, tmp_path / "other.pt")
     with pytest.raises(Exception, match="method 'nope', which is not registered"):
         create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "other.pt"))
