@@ -190,19 +190,27 @@ def _run_flags(args) -> dict:
     return flags
 
 
+def _resolve_init(cfg, load: bool = False) -> None:
+    """``--init`` must exist (and, with ``load``, load into the backbone: errors name the path as given); it then
+    becomes absolute, because Ray workers do not share the driver's working directory."""
+    if cfg.backbone.init:
+        if not os.path.isfile(cfg.backbone.init):
+            raise BenchError(f"--init {cfg.backbone.init}: file not found")
+        if load:
+            from bench.backbones import create_backbone
+
+            create_backbone(cfg.backbone.name, cfg.backbone.init)  # fail early on a bad checkpoint
+        cfg.backbone.init = os.path.abspath(cfg.backbone.init)
+
+
 def cmd_run(args) -> int:
     from bench.config import load_config
     from bench.pipeline import run
 
     cfg = load_config(args.config, args.sets, _run_flags(args))
-    if cfg.backbone.init and not os.path.isfile(cfg.backbone.init):
-        raise BenchError(f"--init {cfg.backbone.init}: file not found")
     if cfg.pretrain.workers < 1:
         raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
-    if cfg.backbone.init:
-        from bench.backbones import create_backbone
-
-        create_backbone(cfg.backbone.name, cfg.backbone.init)  # fail early on a bad checkpoint
+    _resolve_init(cfg, load=True)
     if args.from_tune:
         from rich.console import Console
 
@@ -366,8 +374,7 @@ def cmd_tune(args) -> int:
             if value is not None:
                 flags.setdefault(section, {})[key] = value
         cfg = load_config(args.config, args.sets, flags)
-        if cfg.backbone.init and not os.path.isfile(cfg.backbone.init):
-            raise BenchError(f"--init {cfg.backbone.init}: file not found")
+        _resolve_init(cfg)
         if cfg.pretrain.workers < 1:
             raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
         try:

@@ -106,6 +106,23 @@ def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
         create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "other.pt"))
 
 
+def test_relative_init_reaches_the_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    """Ray workers run in their own working directory: a relative ``--init`` must be resolved by the driver."""
+    import os
+
+    import torch
+
+    import bench.pipeline
+    from bench.backbones import create_backbone
+
+    (tmp_path / "ck").mkdir()
+    torch.save({"state_dict": create_backbone("vit_tiny_d4_p8").model.state_dict()}, tmp_path / "ck" / "w.pt")
+    seen = {}
+    monkeypatch.setattr(bench.pipeline, "run", lambda cfg, progress: seen.setdefault("init", cfg.backbone.init))
+    assert main(["run", "--init", "ck/w.pt", "--no-progress"]) == 0
+    assert seen["init"] == os.path.join(str(tmp_path), "ck", "w.pt")
+
+
 def test_unwritable_storage(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     code, err = _err(capsys, ["run", "--storage", "afile/sub", "--no-progress"])
