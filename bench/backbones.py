@@ -124,8 +124,7 @@ def _bench_eval_backbone_state(obj: dict, backbone_name: str) -> dict:
                 probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
         except (RuntimeError, NotImplementedError):
             probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
-    target = probe.eval_backbone()
-    prefix = next((n + "." for n, m in probe.named_modules() if m is target and n), "")
+    prefix = probe.eval_backbone_prefix()
     state = {k[len(prefix):]: v for k, v in obj["method_state"].items() if k.startswith(prefix)}
     if not state:
         raise BenchError(f"checkpoint of method '{name}' holds no '{prefix}*' tensors")

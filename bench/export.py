@@ -30,14 +30,6 @@ FORMATS = ("detectron2",)
 BASELINE = "random-init"
 
 
-def _eval_prefix(method_obj) -> str:
-    target = method_obj.eval_backbone()
-    for name, module in method_obj.named_modules():
-        if module is target:
-            return name + "." if name else ""
-    raise BenchError("export: the method's eval_backbone() is not one of its submodules")
-
-
 def _backbone_shapes(name: str) -> dict:
     with torch.device("meta"):
         model = create_backbone(name).model
@@ -82,7 +74,7 @@ def load_eval_backbone(storage: str, run_id: str, method: str, backbone: str | N
     schedule = plan_schedule(pcfg, max(pcfg.batch_size, 1), 1)
     method_cfg = to_dict(cfg.methods[method]) if method in cfg.methods else {}
     probe = build_method(method, method_cfg, BackboneConfig(name=cfg.backbone.name), schedule)
-    prefix = _eval_prefix(probe)
+    prefix = probe.eval_backbone_prefix()
     weights = state["method_state"]
     backbone = backbone or infer_backbone(weights, prefix)
     target = create_backbone(backbone)

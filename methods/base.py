@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bench.backbones import DenseBackbone
+from bench.errors import BenchError
 
 
 @dataclass
@@ -72,6 +73,14 @@ class Method(nn.Module):
     # ---- evaluation
     def eval_backbone(self) -> DenseBackbone:
         raise NotImplementedError
+
+    def eval_backbone_prefix(self) -> str:
+        """Where ``eval_backbone()`` sits in this method's ``state_dict`` (e.g. ``"teacher.backbone."``)."""
+        target = self.eval_backbone()
+        for name, module in self.named_modules():
+            if module is target:
+                return name + "." if name else ""
+        raise BenchError(f"{type(self).__name__}.eval_backbone() is not one of its submodules")
 
     @torch.no_grad()
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:

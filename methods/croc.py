@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.data.views import MultiCropSpec
+from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
@@ -184,7 +184,7 @@ class CrOC(Method):
         # Two independent crops (the reference calls its spatial transform twice), no local crops.
         return MultiCropSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale), n_local=0,
                              blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0), same_box_for_globals=False,
-                             jitter=tuple(x * c.jitter_strength for x in (0.4, 0.4, 0.2, 0.1)))
+                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength))
 
     # ------------------------------------------------------------------------------------------ helpers
     def _positions(self, batch: dict, grid: tuple[int, int], device) -> torch.Tensor:

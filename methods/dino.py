@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.data.views import MultiCropSpec
+from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS
 from methods.base import Method, Schedule
@@ -131,7 +131,7 @@ class DINO(Method):
         c = self.cfg
         return MultiCropSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale),
                              n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
-                             jitter=tuple(x * c.jitter_strength for x in (0.4, 0.4, 0.2, 0.1)))
+                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength))
 
     def training_step(self, batch: dict, step: int) -> dict:
         views = batch["views"]

@@ -50,7 +50,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from bench.data.views import MultiCrop, MultiCropSpec, sample_box
+from bench.data.views import SWAV_JITTER, MultiCrop, MultiCropSpec, sample_box, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS, VIEW_RECIPES
 from methods.base import Method, Schedule, split_decay
@@ -308,7 +308,7 @@ class Leopart(Method):
         s = c.jitter_strength
         return LeopartViewSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale),
                                n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
-                               flip_p=0.0, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, grayscale_p=0.2,
+                               flip_p=0.0, jitter=scaled_jitter(SWAV_JITTER, s), jitter_p=0.8, grayscale_p=0.2,
                                blur_p=(0.5, 0.5, 0.5), solarize_p=(0.0, 0.0, 0.0),
                                min_intersection=c.min_intersection, min_intersection_globals=2 * c.min_intersection)
 

@@ -80,6 +80,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.data.superpixels import SuperpixelViewSpec
+from bench.data.views import SWAV_JITTER, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
@@ -255,7 +256,7 @@ class ViCE(Method):
                                   min_img_size=c.min_img_size, region_size=c.region_size, ruler=c.ruler,
                                   slic_iters=c.slic_iters, regular_grid=c.regular_grid, mask=c.mask_views,
                                   preserve_ratio=c.preserve_ratio, mask_intensity=c.mask_intensity, flip_p=c.flip_p,
-                                  jitter=tuple(x * c.jitter_strength for x in (0.8, 0.8, 0.8, 0.2)),
+                                  jitter=scaled_jitter(SWAV_JITTER, c.jitter_strength),
                                   blur_ref_size=c.blur_ref_size)
 
     # ---- model pieces

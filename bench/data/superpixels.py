@@ -48,6 +48,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from bench.data import IMAGENET_MEAN, IMAGENET_STD
+from bench.data.views import SWAV_JITTER
 from bench.errors import BenchError
 from bench.registry import VIEW_RECIPES
 
@@ -74,7 +75,7 @@ class SuperpixelViewSpec:
     preserve_ratio: float = 0.25  # fraction of the common ids that are never masked
     mask_intensity: float = 0.25  # max mask rectangle side / view side
     flip_p: float = 0.5
-    jitter: tuple = (0.8, 0.8, 0.8, 0.2)
+    jitter: tuple = SWAV_JITTER
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.5

@@ -27,6 +27,16 @@ from bench.data import IMAGENET_MEAN, IMAGENET_STD
 from bench.registry import VIEW_RECIPES
 
 
+# Colour jitter (brightness, contrast, saturation, hue) at strength 1 in the two families of recipes.
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)  # DINO, BYOL, CrOC, CLoVE
+SWAV_JITTER = (0.8, 0.8, 0.8, 0.2)  # SwAV, ViCE, Leopart
+
+
+def scaled_jitter(reference: tuple, strength: float) -> tuple:
+    """A reference jitter at ``strength`` (1 = the reference, 0 = none): every factor scaled alike."""
+    return tuple(strength * x for x in reference)
+
+
 @dataclass
 class MultiCropSpec:
     """DINO-style multi-crop; sizes are in pixels, scales are fractions of the source area."""
@@ -40,7 +50,7 @@ class MultiCropSpec:
     local_scale: tuple = (0.05, 0.4)
     ratio: tuple = (3 / 4, 4 / 3)
     flip_p: float = 0.5
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter: tuple = BYOL_JITTER  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: tuple = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
