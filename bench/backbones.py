@@ -102,29 +102,19 @@ _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "student.", "teacher.
 
 
 def _bench_eval_backbone_state(obj: dict, backbone_name: str) -> dict:
-    """A bench pretraining checkpoint (``final.pt`` / ``step_*.pt``: ``{"method", "method_state", ...}``) -> the
-    state of the method's evaluation backbone (``Method.eval_backbone()``: DINO's teacher, CLoVE's configured
+    """A bench pretraining checkpoint (``final.pt``: ``{"method", "method_state", "eval_backbone_prefix"}``) ->
+    the state of the method's evaluation backbone (``Method.eval_backbone()``: DINO's teacher, CLoVE's configured
     branch, ...), keyed as the backbone's own ``state_dict``. This is how a method that fine-tunes another's
-    weights (Leopart from DINO, as the reference does) chains on a bench run."""
-    from bench import plugins
-    from bench.config import BackboneConfig
-    from bench.pretrain import build_method
+    weights (Leopart from DINO, as the reference does) chains on a bench run. ``final.pt`` records where that
+    backbone sits; older files without the key ask the registered method (``Method.probe_eval_backbone_prefix``)."""
     from bench.registry import METHODS
-    from methods.base import Schedule
 
-    plugins.load_all()
     name = obj["method"]
-    if name not in METHODS.names():
-        raise BenchError(f"checkpoint of method '{name}', which is not registered here")
-    # Only the module tree is needed, to find where the evaluation backbone sits: build it on the meta device
-    # (CPU if a constructor needs real values), without touching the caller's RNG, which seeds the run's init.
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
-        except (RuntimeError, NotImplementedError):
-            probe = build_method(name, {}, BackboneConfig(name=backbone_name), Schedule(1, 1, 1, 1))
-    prefix = probe.eval_backbone_prefix()
+    prefix = obj.get("eval_backbone_prefix")
+    if not isinstance(prefix, str):
+        if name not in METHODS:
+            raise BenchError(f"checkpoint of method '{name}', which is not registered here")
+        prefix = METHODS.get(name).probe_eval_backbone_prefix({}, backbone_name)
     state = {k[len(prefix):]: v for k, v in obj["method_state"].items() if k.startswith(prefix)}
     if not state:
         raise BenchError(f"checkpoint of method '{name}' holds no '{prefix}*' tensors")

@@ -26,7 +26,7 @@ def load_eval_data(name: str, cfg_dict: dict) -> EvalData:
 
 def feature_fn(method: str, final_path: str | None, spec: dict, device: torch.device):
     """(callable images -> B×C×h×w, module) for a trained method or for the ``random-init`` backbone."""
-    from bench.pretrain import load_trained_method
+    from methods.build import load_trained_method
 
     bcfg = build(BackboneConfig, spec["backbone"], "backbone")
     if final_path is None:

@@ -18,7 +18,6 @@ backbone whose tensor names and shapes equal the evaluation backbone's tensors i
 from __future__ import annotations
 
 import os
-import stat
 
 import torch
 
@@ -51,7 +50,7 @@ def infer_backbone(state: dict, prefix: str) -> str:
 
 def load_eval_backbone(storage: str, run_id: str, method: str, backbone: str | None, cfg) -> DenseBackbone:
     """The trained evaluation backbone of ``method`` in run ``run_id`` (CPU, eval mode)."""
-    from bench.pretrain import build_method, plan_schedule
+    from methods.build import eval_backbone_prefix
 
     run_dir = os.path.join(storage, run_id)
     if not os.path.isdir(run_dir):
@@ -68,13 +67,10 @@ def load_eval_backbone(storage: str, run_id: str, method: str, backbone: str | N
     name = state.get("method", method)
     if name != method:
         raise BenchError(f"--method {method}: {final} holds method '{name}'")
-    from bench.config import BackboneConfig, to_dict
+    from bench.config import to_dict
 
-    pcfg = cfg.pretrain_for(method)
-    schedule = plan_schedule(pcfg, max(pcfg.batch_size, 1), 1)
     method_cfg = to_dict(cfg.methods[method]) if method in cfg.methods else {}
-    probe = build_method(method, method_cfg, BackboneConfig(name=cfg.backbone.name), schedule)
-    prefix = probe.eval_backbone_prefix()
+    prefix = eval_backbone_prefix(state, method_cfg, cfg.backbone.name)
     weights = state["method_state"]
     backbone = backbone or infer_backbone(weights, prefix)
     target = create_backbone(backbone)
@@ -88,42 +84,6 @@ def load_eval_backbone(storage: str, run_id: str, method: str, backbone: str | N
     return target.eval()
 
 
-def _write_text(path: str, text: str, executable: bool = False) -> None:
-    ckpt.atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
-    if executable:
-        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
-def export_detectron2(backbone: DenseBackbone, output: str, gpus: int = 8) -> list[str]:
-    """Write the pickle, the configs and the launch scripts; returns the written paths."""
-    from tasks.detection import d2_config, d2_convert
-
-    model, facts = d2_convert.backbone_to_d2(backbone)
-    output = os.path.abspath(output)
-    stem = output[:-4] if output.endswith(".pkl") else output
-    if facts["kind"] == "vit":
-        config_text = d2_config.vitdet_config_py(output, facts)  # raises for non-16 patches before writing
-    d2_convert.write_pickle(model, output)
-    written = [output]
-    if facts["kind"] == "vit":
-        cfg_path = f"{stem}.vitdet_mask_rcnn.py"
-        _write_text(cfg_path, config_text)
-        sh = f"{stem}.vitdet_mask_rcnn.sh"
-        _write_text(sh, d2_config.launch_script(cfg_path, gpus, lazy=True), executable=True)
-        return written + [cfg_path, sh]
-    for family in d2_config.FAMILIES:
-        if "C4" in family and facts["depth"] < 50:
-            continue
-        cfg = d2_config.detectron2_config(family, output, facts["depth"], facts["res2_out_channels"])
-        cfg_path = f"{stem}.{family}.yaml"
-        d2_config.dump_yaml(cfg, cfg_path, header=f"# detectron2 {family} for {os.path.basename(output)} "
-                                                  f"(ResNet-{facts['depth']}), written by bench export")
-        sh = f"{stem}.{family}.sh"
-        _write_text(sh, d2_config.launch_script(cfg_path, gpus), executable=True)
-        written += [cfg_path, sh]
-    return written
-
-
 def export(fmt: str, storage: str, run_id: str, method: str, output: str, backbone: str | None, cfg,
            gpus: int = 8) -> list[str]:
     if fmt not in FORMATS:
@@ -132,4 +92,6 @@ def export(fmt: str, storage: str, run_id: str, method: str, output: str, backbo
     if not os.path.isdir(folder):
         raise BenchError(f"-o {output}: folder {folder} does not exist")
     net = load_eval_backbone(storage, run_id, method, backbone, cfg)
+    from tasks.detection.export import export_detectron2
+
     return export_detectron2(net, output, gpus)

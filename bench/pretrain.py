@@ -22,14 +22,13 @@ from typing import Iterator
 import torch
 
 from bench import checkpoint as ckpt
-from bench.backbones import create_backbone
 from bench.config import BackboneConfig, PretrainConfig, build
 from bench.data import build_dataset
 from bench.errors import BenchError
 from bench.data.views import PretrainViews, build_view_transform, collate_views
 from bench.optim import build_optimizer, clip_per_tensor, set_schedule
-from bench.registry import DATASETS, METHODS
-from methods.base import Schedule
+from bench.registry import DATASETS
+from methods.build import build_method, load_trained_method, plan_schedule  # noqa: F401 (re-exported)
 from methods.common.schedules import cosine_schedule
 
 
@@ -90,21 +89,6 @@ def _context():
         return ctx.get_world_rank(), ctx.get_world_size(), ctx
     except Exception:
         return 0, 1, None
-
-
-def build_method(name: str, method_cfg: dict, backbone_cfg: BackboneConfig, schedule: Schedule):
-    cls = METHODS.get(name)
-    cfg = build(cls.config_class, method_cfg, f"methods.{name}")
-
-    def factory():
-        return create_backbone(backbone_cfg.name, backbone_cfg.init, backbone_cfg.drop_path)
-
-    return cls(cfg, factory, schedule)
-
-
-def plan_schedule(pcfg: PretrainConfig, n_images: int, world: int) -> Schedule:
-    spe = pcfg.steps_per_epoch or max(n_images // pcfg.batch_size, 1)
-    return Schedule(total_steps=spe * pcfg.epochs, steps_per_epoch=spe, epochs=pcfg.epochs, world_size=world)
 
 
 def _to_device(batch, device):
@@ -235,7 +219,8 @@ def train_loop(loop_config: dict) -> dict:
                 break
     wall = time.perf_counter() - t_start
     if rank == 0:
-        ckpt.save_torch({"method": loop_config["method"], "step": step, "method_state": method.state_dict()},
+        ckpt.save_torch({"method": loop_config["method"], "step": step, "method_state": method.state_dict(),
+                         "eval_backbone_prefix": method.eval_backbone_prefix()},  # --init needs no method
                         os.path.join(out_dir, "final.pt"))
         ckpt.prune(ckpt_dir, keep=0)
     return {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
@@ -332,18 +317,3 @@ def read_metrics(out_dir: str) -> list[dict]:
             except ValueError:
                 continue
     return rows
-
-
-def load_trained_method(final_path: str, method_cfg: dict, backbone_cfg: BackboneConfig, pcfg: PretrainConfig,
-                        n_images: int):
-    """Rebuild a method from ``final.pt`` for evaluation (CPU, eval mode)."""
-    state = ckpt.load_torch(final_path)
-    schedule = plan_schedule(pcfg, n_images, 1)
-    bcfg = BackboneConfig(name=backbone_cfg.name, init="", drop_path=0.0)
-    method = build_method(state["method"], method_cfg, bcfg, schedule)
-    missing, unexpected = method.load_state_dict(state["method_state"], strict=False)
-    if unexpected or [m for m in missing if "backbone" in m]:
-        raise BenchError(f"checkpoint {final_path}: does not match method '{state['method']}' with backbone "
-                              f"'{backbone_cfg.name}' ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    return method.eval()
-

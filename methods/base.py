@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.backbones import DenseBackbone
+from bench.backbones import DenseBackbone, create_backbone
+from bench.config import BackboneConfig, build
 from bench.errors import BenchError
 
 
@@ -81,6 +82,24 @@ class Method(nn.Module):
             if module is target:
                 return name + "." if name else ""
         raise BenchError(f"{type(self).__name__}.eval_backbone() is not one of its submodules")
+
+    @classmethod
+    def probe_eval_backbone_prefix(cls, method_cfg: dict, backbone: str) -> str:
+        """``eval_backbone_prefix()`` of this method built with ``method_cfg`` on ``backbone``, for checkpoints
+        that did not record it. Only the module tree is needed: built on the meta device (CPU where a
+        constructor needs real values, e.g. CrOC), without touching the caller's RNG."""
+        cfg = build(cls.config_class, method_cfg, f"methods ({cls.__name__})")
+        name = backbone or BackboneConfig().name
+
+        def probe():
+            return cls(cfg, lambda: create_backbone(name), Schedule(1, 1, 1, 1))
+
+        with torch.random.fork_rng(devices=[]):
+            try:
+                with torch.device("meta"):
+                    return probe().eval_backbone_prefix()
+            except (RuntimeError, NotImplementedError):
+                return probe().eval_backbone_prefix()
 
     @torch.no_grad()
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ import torch
 from bench.errors import BenchError
 from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
+from tasks.detection import D2_INSTALL, require_detectron2  # noqa: F401 (re-exported)
 from tasks.detection.coco import STAT_NAMES, coco_evaluate, coco_from_dict, dataset_to_coco, detections_to_results
 
 log = logging.getLogger("bench.det")
@@ -78,8 +79,6 @@ PRESETS = {
                        train_sizes=list(range(800, 1025, 32)), test_size=1024, max_size=2048),
 }
 BACKENDS = ("torchvision", "detectron2")
-D2_INSTALL = ("pip install 'git+https://github.com/facebookresearch/detectron2.git' (it is not on PyPI; "
-              "needs a matching torch and a compiler)")
 
 
 @dataclass
@@ -160,12 +159,6 @@ class DetConfig:
         self.steps = sorted(int(s) for s in self.steps)
         if self.backend == "detectron2":
             require_detectron2(where)
-
-
-def require_detectron2(where: str = "tasks.det") -> None:
-    if importlib.util.find_spec("detectron2") is None:
-        raise BenchError(f"{where}.backend=detectron2: detectron2 is not installed; install it with {D2_INSTALL}, "
-                         f"or use the default backend (tasks.det.backend=torchvision)")
 
 
 def per_category_ap(evaluator_text: str, raw_precision: Optional[np.ndarray], names: list[str]) -> str:

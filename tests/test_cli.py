@@ -74,7 +74,7 @@ def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
 
     from bench import plugins
     from bench.backbones import create_backbone
-    from bench.pretrain import build_method
+    from methods.build import build_method
     from bench.config import BackboneConfig
     from methods.base import Schedule
 
@@ -104,6 +104,25 @@ def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
     torch.save({"method": "nope", "step": 0, "method_state": {}}, tmp_path / "other.pt")
     with pytest.raises(Exception, match="method 'nope', which is not registered"):
         create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "other.pt"))
+
+
+def test_init_from_a_final_pt_that_records_its_prefix_needs_no_method(tmp_path):
+    """``final.pt`` records ``eval_backbone_prefix``: ``--init`` takes exactly those tensors, even when the
+    method that wrote the file is not registered here."""
+    import torch
+
+    from bench.backbones import create_backbone
+
+    torch.manual_seed(0)
+    a, b = create_backbone("vit_tiny_d4_p8"), create_backbone("vit_tiny_d4_p8")
+    state = {f"branch_a.backbone.{k}": v for k, v in a.state_dict().items()}
+    state.update({f"branch_b.backbone.{k}": v for k, v in b.state_dict().items()})
+    torch.save({"method": "not_registered_here", "step": 1, "method_state": state,
+                "eval_backbone_prefix": "branch_b.backbone."}, tmp_path / "final.pt")
+    dst = create_backbone("vit_tiny_d4_p8", init=str(tmp_path / "final.pt"))
+    for k, v in dst.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert not torch.equal(a.model.state_dict()["pos_embed"], b.model.state_dict()["pos_embed"])
 
 
 def test_relative_init_reaches_the_workers_as_an_absolute_path(tmp_path, monkeypatch):

@@ -296,7 +296,7 @@ def test_global_mean_is_a_plain_mean_with_gradient_in_one_process():
 
 
 def _method(**cfg):
-    from bench.pretrain import build_method
+    from methods.build import build_method
 
     small = {"out_dim": 64, "out_dim_c": 32, "hidden_dim": 32, "bottleneck_dim": 16}
     small.update(cfg)
@@ -390,7 +390,7 @@ def test_config_validation_is_one_clear_error():
         build(CrOCConfig, {"which_features": "x"}, "methods.croc")
     with pytest.raises(BenchError, match="sinkhorn_lambda"):
         build(CrOCConfig, {"sinkhorn_lambda": 0}, "methods.croc")
-    from bench.pretrain import build_method
+    from methods.build import build_method
 
     with pytest.raises(BenchError, match="ViT"):
         build_method("croc", {}, BackboneConfig(name="resnet18"), Schedule(1, 1, 1))

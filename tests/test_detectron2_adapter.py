@@ -190,7 +190,7 @@ def _fake_run(root, backbone="resnet50"):
     """A finished DINO pretraining with a ResNet backbone, as bench run leaves it under <root>/bench_runs/r1."""
     from bench.checkpoint import save_torch
     from bench.config import BackboneConfig
-    from bench.pretrain import build_method
+    from methods.build import build_method
     from methods.base import Schedule
 
     torch.manual_seed(1)
@@ -280,7 +280,7 @@ def test_d2_backend_up_to_the_subprocess(tmp_path, monkeypatch):
     from tasks.base import EvalData
     from tasks.detection import d2_backend
 
-    monkeypatch.setattr(det, "require_detectron2", lambda where="tasks.det": None)
+    monkeypatch.setattr(d2_backend, "require_detectron2", lambda where="tasks.det": None)
     seen = {}
 
     def fake_run(cmd, stdout, stderr, env):

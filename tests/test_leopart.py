@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench.config import BackboneConfig
 from bench.errors import BenchError
-from bench.pretrain import build_method
+from methods.build import build_method
 from methods.base import Schedule
 from methods.common.geometry import box_intersection, boxes_in_crop
 from methods.common.sinkhorn import swav_sinkhorn

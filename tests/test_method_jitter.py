@@ -5,7 +5,7 @@ import torch
 
 from bench import plugins
 from bench.config import BackboneConfig
-from bench.pretrain import build_method
+from methods.build import build_method
 from methods.base import Schedule
 
 plugins.load_all()

@@ -44,7 +44,9 @@ def test_interrupted_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_p
     # metric lines after the checkpoint were dropped and logged again: one line per step, no duplicates
     steps = [r["step"] for r in pretrain.read_metrics(str(tmp_path / "run"))]
     assert steps == [1, 2, 3, 4, 5, 6]
-    a = ckpt.load_torch(str(tmp_path / "ref" / "final.pt"))["method_state"]
+    final = ckpt.load_torch(str(tmp_path / "ref" / "final.pt"))
+    assert final["eval_backbone_prefix"] == "teacher.backbone."  # DINO evaluates its teacher; --init reads this
+    a = final["method_state"]
     b = ckpt.load_torch(str(tmp_path / "run" / "final.pt"))["method_state"]
     assert a.keys() == b.keys()
     for k in a:  # same data order, same augmentations, same optimiser state: identical weights

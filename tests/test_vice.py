@@ -12,7 +12,7 @@ from bench.config import BackboneConfig
 from bench.data.superpixels import (SuperpixelViews, SuperpixelViewSpec, crop_padded, grid_labels,
                                     keep_common_ids, slic_labels)
 from bench.errors import BenchError
-from bench.pretrain import build_method
+from methods.build import build_method
 from methods.base import Schedule
 from methods.common.geometry import cell_centers
 from methods.common.regions import align_regions, downsample_labels, segment_argmax, segment_mean

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bench.errors import BenchError
 from tasks.base import TaskResult
-from tasks.detection import d2_config, d2_convert
+from tasks.detection import d2_config, d2_convert, require_detectron2
 from tasks.detection.coco import dataset_to_coco
 
 D2_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -56,8 +56,6 @@ def metrics_from_d2(results: dict) -> dict:
 
 
 def run(cfg, body, data, train_idx: list[int], val_idx: list[int], names: list[str]) -> TaskResult:
-    from tasks.det import require_detectron2
-
     require_detectron2()
     if body.is_vit:
         raise BenchError(f"tasks.det.backend=detectron2 runs the protocol's R50 configs and needs a ResNet backbone "
