@@ -22,10 +22,8 @@ configuration (lowest to highest precedence):
 
 
 def _components() -> str:
-    from bench import plugins
     from bench.registry import BACKBONES, DATASETS, METHODS, TASKS
 
-    plugins.load_all()
     return (f"registered: methods {', '.join(METHODS.names())}; tasks {', '.join(TASKS.names())}; "
             f"datasets {', '.join(DATASETS.names())}; backbones {', '.join(BACKBONES.names())}")
 
@@ -288,14 +286,12 @@ COMMANDS["submit"] = cmd_submit
 
 
 def cmd_export(args) -> int:
-    from bench import plugins
     from bench.config import load_config
     from bench.export import FORMATS, export
     from bench.registry import METHODS
 
     if args.format not in FORMATS:
         raise BenchError(f"--format {args.format}: unknown; valid: {', '.join(FORMATS)}")
-    plugins.load_all()
     if args.method != "random-init":
         METHODS.validate([args.method], "--method")
     flags = {"run": {"methods": [args.method]}} if args.method != "random-init" else {}
@@ -356,12 +352,10 @@ def cmd_tune(args) -> int:
                            trials=16 if args.trials is None else args.trials, space=list(args.space),
                            space_only=args.space_only, concurrent=args.concurrent or 0, name=args.name or "",
                            reduction_factor=args.reduction_factor or 2, asha=not args.no_asha)
-        from bench import plugins
         from bench.registry import METHODS, TASKS
         from bench.tune import check_options
 
         check_options(opts)
-        plugins.load_all()
         METHODS.validate([opts.method], "--method")
         TASKS.validate([opts.task], "--task")
         flags: dict = {"run": {"methods": [opts.method], "tasks": [opts.task]}}
@@ -390,11 +384,9 @@ def cmd_tune(args) -> int:
 COMMANDS["tune"] = cmd_tune
 
 def cmd_perf(args) -> int:
-    from bench import plugins
     from bench.perf import run_perf
     from bench.registry import METHODS
 
-    plugins.load_all()
     methods = METHODS.validate([m.strip() for m in args.methods.split(",") if m.strip()], "--methods")
     run_perf([o.strip() for o in args.only.split(",") if o.strip()], methods, args.out, tiny=args.tiny,
              steps=args.steps)

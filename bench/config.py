@@ -276,10 +276,8 @@ def _component_section(kind: str, registry, user_section: dict | None, wanted: l
 
 def resolve(user: dict) -> BenchConfig:
     """Validate the merged user layer against every section and return the typed config."""
-    from bench import plugins
     from bench.registry import DATASETS, METHODS, TASKS
 
-    plugins.load_all()
     allowed = set(TOP_SECTIONS) | set(COMPONENT_SECTIONS)
     unknown = [k for k in user if k not in allowed]
     if unknown:

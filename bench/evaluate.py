@@ -42,9 +42,6 @@ def feature_fn(method: str, final_path: str | None, spec: dict, device: torch.de
 def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec: dict, out_dir: str,
                     use_gpu: bool = False, threads: int = 0) -> dict:
     """Evaluate and write ``<out_dir>/eval_<task>.json`` per task (atomic); returns {task: result dict}."""
-    from bench import plugins
-
-    plugins.load_all()
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

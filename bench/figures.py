@@ -232,10 +232,8 @@ def method_feature_figure(method: str, final_path: str | None, spec: dict, out_d
     (a Ray task, GPU if the evaluation has one).
     """
     from bench import checkpoint as ckpt
-    from bench import plugins
     from bench.evaluate import feature_fn, load_eval_data
 
-    plugins.load_all()
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     data = load_eval_data(spec["eval_dataset"], spec["eval_dataset_cfg"])
     feats_fn, _module = feature_fn(method, final_path, spec, device)

@@ -1,11 +1,18 @@
-"""Import every method, task, dataset and backbone module so that their registrations run."""
+"""Import every backbone, dataset, view, method and task module once, so that their registrations run.
+
+Called by the registries on their first lookup (``bench.registry``); nothing else needs to call it. Modules
+are imported by name (``importlib``), never statically, so this module adds no edge to the import graph and
+no plugin can form a cycle through it. Files whose name starts with ``_`` (``methods/_template.py``) are
+skipped: they are not registered unless imported on purpose.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-_LOADED = False
+PACKAGES = ("bench.data", "methods", "tasks")
+_STATE = {"loaded": False, "loading": False}
 
 
 def _import_package(name: str) -> None:
@@ -16,13 +23,15 @@ def _import_package(name: str) -> None:
 
 
 def load_all() -> None:
-    global _LOADED
-    if _LOADED:
+    """Idempotent; re-entrant calls (a plugin that looks a name up while the others load) return at once."""
+    if _STATE["loaded"] or _STATE["loading"]:
         return
-    import bench.backbones  # noqa: F401
-    import bench.data.views  # noqa: F401
-
-    _import_package("bench.data")
-    _import_package("methods")
-    _import_package("tasks")
-    _LOADED = True
+    _STATE["loading"] = True
+    try:
+        importlib.import_module("bench.backbones")
+        importlib.import_module("bench.data.views")
+        for name in PACKAGES:
+            _import_package(name)
+        _STATE["loaded"] = True
+    finally:
+        _STATE["loading"] = False

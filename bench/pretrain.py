@@ -103,9 +103,6 @@ def _to_device(batch, device):
 
 def train_loop(loop_config: dict) -> dict:
     """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value)."""
-    from bench import plugins
-
-    plugins.load_all()
     rank, world, ctx = _context()
     pcfg = build(PretrainConfig, loop_config["pretrain"], "pretrain")
     bcfg = build(BackboneConfig, loop_config["backbone"], "backbone")

@@ -71,11 +71,9 @@ def single_process(method: str, method_cfg: dict, n_images: int, seed: int = 0) 
 def _worker(config: dict) -> dict:
     import ray.train
 
-    from bench import plugins
     from bench.pretrain import wrap_data_parallel
     from methods.common.dist import all_reduce_mean
 
-    plugins.load_all()
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -406,14 +406,12 @@ def run_trial(config: dict, base: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from bench import plugins
     from bench.config import PretrainConfig, build
     from bench.evaluate import evaluate_method
     from bench.pretrain import read_metrics
     from bench.registry import METHODS
     from bench.search_space import SearchSpace
 
-    plugins.load_all()
     t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     method, task = base["method"], base["task"]

@@ -8,13 +8,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _load_plugins():
-    from bench import plugins
-
-    plugins.load_all()
-
-
 # Small settings shared by end-to-end tests: a few steps of batch 8 on 64 training images.
 TINY_SETS = [
     "pretrain.epochs=1", "pretrain.steps_per_epoch=3", "pretrain.batch_size=8", "pretrain.log_every=1",

@@ -72,13 +72,11 @@ def test_init_from_a_bench_checkpoint_takes_the_evaluation_backbone(tmp_path):
     backbone), not whichever backbone comes first."""
     import torch
 
-    from bench import plugins
     from bench.backbones import create_backbone
     from methods.build import build_method
     from bench.config import BackboneConfig
     from methods.base import Schedule
 
-    plugins.load_all()
     torch.manual_seed(0)
     dino = build_method("dino", {}, BackboneConfig(), Schedule(2, 1, 2))
     with torch.no_grad():

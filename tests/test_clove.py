@@ -441,9 +441,7 @@ def _free_port() -> int:
 def _dp_worker(rank: int, world: int, port: int, path: str) -> None:
     import torch.distributed as dist
 
-    from bench import plugins
 
-    plugins.load_all()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     data = torch.load(path, weights_only=False)

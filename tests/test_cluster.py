@@ -8,14 +8,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench import plugins
 from bench.config import build
 from bench.data import SegDataset
 from bench.errors import BenchError
 from tasks.base import EvalData
 from tasks.cluster import ClusterConfig, Clustering, assign, kmeans
 
-plugins.load_all()
 
 
 # ------------------------------------------------------------------------------------------ k-means

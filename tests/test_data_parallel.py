@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from bench import plugins
 from bench.registry import METHODS
 from bench.testing import data_parallel, single_process
 
-plugins.load_all()  # the parametrisation below reads the registry at collection time
 
 # Small but real configs: every method's cross-sample statistics must be all-reduced to pass.
 CONFIGS = {name: {} for name in METHODS.names()}

@@ -15,13 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import plugins
 from bench.config import build
 from bench.data import build_dataset
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
-plugins.load_all()
 
 
 def _cfg(name: str, **kw):

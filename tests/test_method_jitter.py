@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-from bench import plugins
 from bench.config import BackboneConfig
 from methods.build import build_method
 from methods.base import Schedule
 
-plugins.load_all()
 
 REFERENCE = {  # the papers' colour jitter at strength 1
     "dino": (0.4, 0.4, 0.2, 0.1),

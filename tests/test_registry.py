@@ -38,3 +38,20 @@ def test_builtin_components_are_registered():
     assert {"vit_tiny_d4_p8", "vit_small_p16", "resnet50"} <= set(BACKBONES.names())
     for name in METHODS:
         assert hasattr(METHODS.get(name), "config_class")
+
+
+def test_registries_load_the_plugins_on_first_lookup():
+    """A fresh interpreter: no ``load_all()`` call anywhere, the first lookup imports methods/ and tasks/;
+    registering does not load (it runs while the plugins load)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bench.registry import METHODS, TASKS, Registry\n"
+            "r = Registry('x'); r.register('a')(int)\n"
+            "assert 'methods.dino' not in sys.modules, 'imported before any lookup'\n"
+            "assert 'dino' in METHODS and 'methods.dino' in sys.modules\n"
+            "assert 'linseg' in TASKS.names() and TASKS.get('det').primary == 'bbox_AP'\n"
+            "assert 'methods._template' not in sys.modules\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
