@@ -55,11 +55,10 @@ def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec:
             continue
         cls = TASKS.get(task)
         task_obj = cls(build(cls.config_class, spec["tasks"].get(task, {}), f"tasks.{task}"))
-        if getattr(cls, "needs_backbone", False):  # fine-tuning tasks (det) train a copy of the backbone
+        backbone = None
+        if cls.needs_backbone:  # fine-tuning tasks (det) train a copy of the backbone
             backbone = _module.eval_backbone() if hasattr(_module, "eval_backbone") else _module
-            res = task_obj.evaluate(feats, data, device, backbone=backbone)
-        else:
-            res = task_obj.evaluate(feats, data, device)
+        res = task_obj.evaluate(feats, data, device, backbone=backbone)
         out = {"metrics": res.metrics, "per_class": res.per_class, "protocol": res.protocol,
                "primary": cls.primary, "figures": {}, "class_names": list(data.class_names)}
         os.makedirs(out_dir, exist_ok=True)

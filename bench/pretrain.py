@@ -231,7 +231,7 @@ def wrap_data_parallel(method, world: int):
     import ray.train.torch as rtt
 
     model = method
-    if getattr(method, "sync_bn", False):  # batch statistics over the global batch, as the reference
+    if method.sync_bn:  # batch statistics over the global batch, as the reference
         if next(method.parameters()).is_cuda:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         else:  # torch's SyncBatchNorm is GPU-only; the same all-reduced statistics on CPU workers

@@ -75,7 +75,7 @@ def knn_miou(feats: torch.Tensor, masks: torch.Tensor, num_classes: int) -> floa
 
 def kmeans_miou(feats: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:
     """feats B×C×h×w, masks B×H×W -> k-means (K = classes) + Hungarian mIoU (percent) over all images."""
-    from tasks.cluster import assign, kmeans
+    from methods.common.clustering import assign, kmeans
     from tasks.metrics import confusion_matrix, mean_iou, remap_confusion, hungarian_match
 
     b, c, h, w = feats.shape

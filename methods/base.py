@@ -43,6 +43,12 @@ class Method(nn.Module):
     config_class: type = object
     # Defaults for the ``pretrain`` section when this method runs (user settings still win).
     pretrain_defaults: dict = {}
+    # Under several workers, convert batch norms to synchronised ones (statistics over the global batch), as
+    # the reference does for e.g. DINO's BN projection head. The loop reads it after ``__init__``.
+    sync_bn: bool = False
+    # State that DDP must neither broadcast nor all-reduce (torch's own hook, read by DistributedDataParallel):
+    # names of buffers a method synchronises itself, e.g. a queue that every worker fills identically.
+    _ddp_params_and_buffers_to_ignore: tuple = ()
 
     def __init__(self, cfg: Any, backbone_factory: Callable[[], DenseBackbone], schedule: Schedule):
         super().__init__()

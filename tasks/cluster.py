@@ -138,7 +138,7 @@ class Clustering(Task):
     config_class = ClusterConfig
     primary = "miou"
 
-    def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device) -> TaskResult:
+    def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:
         cfg = self.cfg
         C = data.num_classes
         K = cfg.k or C

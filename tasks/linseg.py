@@ -129,7 +129,7 @@ class LinearSegmentation(Task):
     config_class = LinsegConfig
     primary = "miou"
 
-    def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device) -> TaskResult:
+    def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
