@@ -11,7 +11,7 @@ import torch
 
 from bench import checkpoint as ckpt
 from bench.backbones import create_backbone
-from bench.config import BackboneConfig, PretrainConfig, build
+from bench.config import BackboneConfig, BenchConfig, PretrainConfig, build, to_dict
 from bench.data import build_dataset
 from bench.registry import DATASETS, TASKS
 from tasks.base import EvalData
@@ -69,3 +69,18 @@ def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec:
         ckpt.save_json(out, path)
         results[task] = out
     return results
+
+
+def eval_spec(cfg: BenchConfig, method: str | None, n_pretrain: int) -> dict:
+    """What ``bench.evaluate.evaluate_method`` needs (plain data); ``method=None`` for the untrained baseline."""
+    c = cfg
+    spec = {
+        "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
+        "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
+        "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": n_pretrain,
+    }
+    if method:
+        spec["method_cfg"] = to_dict(c.methods[method])
+        spec["pretrain"] = to_dict(c.pretrain_for(method))
+        spec["pretrain_dataset"] = c.run.pretrain_dataset()
+    return spec

@@ -152,19 +152,17 @@ def _short_run(steps: int, batch: int, log_every: int) -> list[str]:
             "pretrain.checkpoint_every=100000", f"pretrain.log_every={log_every}"]
 
 
-def _loop_cfg(method: str, steps: int, out_dir: str, batch: int) -> dict:
-    from bench.config import load_config, to_dict
+def _loop_cfg(method: str, steps: int, out_dir: str, batch: int, cpus: int | None = None):
+    from bench.config import load_config
+    from bench.loopconfig import loop_config
 
     cfg = load_config(None, _short_run(steps, batch, LOG_EVERY), {"run": {"methods": [method]}})
-    return {"method": method, "method_cfg": to_dict(cfg.methods[method]), "pretrain": to_dict(cfg.pretrain_for(method)),
-            "backbone": to_dict(cfg.backbone), "dataset": "synthetic", "dataset_cfg": to_dict(cfg.data["synthetic"]),
-            "seed": 0, "out_dir": out_dir}
+    pcfg = cfg.pretrain_for(method)
+    return loop_config(cfg, method, pcfg, out_dir, pcfg.cpus_per_worker if cpus is None else cpus)
 
 
 def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from bench.launch import pretraining_trainer
     from bench.pretrain import train_loop
     from bench.raycluster import init_ray
 
@@ -178,11 +176,9 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             direct = train_loop(_loop_cfg(method, steps, os.path.join(tmp, "direct"), batch))
             wall_direct = time.perf_counter() - t
             direct_steady = _steady_images_per_s(os.path.join(tmp, "direct"), batch)
-            cfg = _loop_cfg(method, steps, os.path.join(tmp, "ray"), batch)
-            cfg["pretrain"]["cpus_per_worker"] = threads
-            trainer = TorchTrainer(train_loop, train_loop_config=cfg,
-                                   scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-                                   run_config=RunConfig(storage_path=os.path.join(tmp, "ray_storage")))
+            cfg = _loop_cfg(method, steps, os.path.join(tmp, "ray"), batch, cpus=threads)
+            trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "ray_storage"), workers=1,
+                                          cpus_per_worker=threads)
             t = time.perf_counter()
             res = trainer.fit().return_value
             wall_ray = time.perf_counter() - t
@@ -264,7 +260,8 @@ def bench_tune(methods: list[str], steps: int, batch: int, tiny: bool = False) -
     from bench.config import load_config
     from bench.data import build_dataset
     from bench.evaluate import evaluate_method
-    from bench.pipeline import eval_spec, loop_config
+    from bench.evaluate import eval_spec
+    from bench.loopconfig import loop_config
     from bench.pretrain import train_loop
     from bench.raycluster import init_ray
     from bench.tune import TuneOptions, new_search

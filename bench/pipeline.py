@@ -17,49 +17,16 @@ from dataclasses import dataclass, field
 from bench import checkpoint as ckpt
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
+from bench.evaluate import eval_spec
 from bench.leaderboard import BASELINE, Row, export, render
+from bench.loopconfig import loop_config
 from bench.registry import DATASETS, TASKS
+from bench.storage import ensure_writable
 from bench.tracking import Tracker, git_commit
 
 
 def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def ensure_writable(path: str, option: str) -> str:
-    path = os.path.abspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise BenchError(f"{option} {path}: cannot create it ({exc.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise BenchError(f"{option} {path}: not writable")
-    return path
-
-
-def eval_spec(cfg: BenchConfig, method: str | None, n_pretrain: int) -> dict:
-    """What ``bench.evaluate.evaluate_method`` needs (plain data); ``method=None`` for the untrained baseline."""
-    c = cfg
-    spec = {
-        "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
-        "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
-        "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": n_pretrain,
-    }
-    if method:
-        spec["method_cfg"] = to_dict(c.methods[method])
-        spec["pretrain"] = to_dict(c.pretrain_for(method))
-        spec["pretrain_dataset"] = c.run.pretrain_dataset()
-    return spec
-
-
-def loop_config(cfg: BenchConfig, method: str, pcfg, out_dir: str, cpus: int) -> dict:
-    """``bench.pretrain.train_loop``'s ``loop_config`` for one method (also used by ``bench tune`` trials)."""
-    c = cfg
-    loop_cfg = {"method": method, "method_cfg": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                "backbone": to_dict(c.backbone), "dataset": c.run.pretrain_dataset(),
-                "dataset_cfg": to_dict(c.data[c.run.pretrain_dataset()]), "seed": c.run.seed, "out_dir": out_dir}
-    loop_cfg["pretrain"]["cpus_per_worker"] = cpus
-    return loop_cfg
 
 
 class RunState:
@@ -201,22 +168,17 @@ class Pipeline:
 
     def _fit(self, method: str, pcfg, out_dir: str) -> dict:
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
-        from bench.pretrain import plan_schedule, train_loop
+        from bench.launch import pretraining_trainer
+        from bench.pretrain import plan_schedule
 
         c = self.cfg
         os.makedirs(out_dir, exist_ok=True)
         cpus = pcfg.cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // max(pcfg.workers, 1))
-        loop_cfg = loop_config(c, method, pcfg, out_dir, cpus)
-        trainer = TorchTrainer(
-            train_loop, train_loop_config=loop_cfg,
-            scaling_config=ScalingConfig(num_workers=pcfg.workers, use_gpu=pcfg.gpu,
-                                         resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name=f"{method}-{int(time.time())}", storage_path=os.path.join(self.run_dir, "ray"),
-                                 failure_config=FailureConfig(max_failures=pcfg.max_failures)),
-        )
+        trainer = pretraining_trainer(loop_config(c, method, pcfg, out_dir, cpus),
+                                      storage=os.path.join(self.run_dir, "ray"), workers=pcfg.workers,
+                                      cpus_per_worker=cpus, use_gpu=pcfg.gpu, name=f"{method}-{int(time.time())}",
+                                      max_failures=pcfg.max_failures)
         total = plan_schedule(pcfg, self.n_pretrain, pcfg.workers).total_steps
         box: dict = {}
 

@@ -1,9 +1,9 @@
 """The pretraining loop: a plain function run by Ray Train's ``TorchTrainer`` on every worker.
 
-Orchestration (Ray start, trainer construction, progress, MLflow) lives in ``bench.pipeline``; this module
-only trains. Everything a worker needs arrives in ``loop_config`` as plain data:
-
-    method, method_cfg, pretrain, backbone, dataset, dataset_cfg, seed, out_dir
+The one ``TorchTrainer`` is built by ``bench.launch``; orchestration (Ray start, progress, MLflow) lives in
+``bench.pipeline``; this module only trains. Everything a worker needs arrives as one frozen
+``bench.loopconfig.LoopConfig`` (validated sections: method, method_cfg, pretrain, backbone, dataset,
+dataset_cfg, seed, out_dir); its plain-dict form is accepted too and validated here.
 
 Files under ``out_dir`` (shared storage on a cluster):
     checkpoints/step_XXXXXXX.pt   atomic, the newest two kept; a restarted worker or a re-run resumes here
@@ -22,12 +22,11 @@ from typing import Iterator
 import torch
 
 from bench import checkpoint as ckpt
-from bench.config import BackboneConfig, PretrainConfig, build
 from bench.data import build_dataset
 from bench.errors import BenchError
+from bench.loopconfig import LoopConfig
 from bench.data.views import PretrainViews, build_view_transform, collate_views
 from bench.optim import build_optimizer, clip_per_tensor, set_schedule
-from bench.registry import DATASETS
 from methods.build import build_method, load_trained_method, plan_schedule  # noqa: F401 (re-exported)
 from methods.common.schedules import cosine_schedule
 
@@ -101,13 +100,13 @@ def _to_device(batch, device):
     return batch
 
 
-def train_loop(loop_config: dict) -> dict:
+def train_loop(loop_config: LoopConfig | dict) -> dict:
     """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value)."""
+    lc = LoopConfig.coerce(loop_config).sections()
     rank, world, ctx = _context()
-    pcfg = build(PretrainConfig, loop_config["pretrain"], "pretrain")
-    bcfg = build(BackboneConfig, loop_config["backbone"], "backbone")
-    seed = int(loop_config["seed"])
-    out_dir = loop_config["out_dir"]
+    pcfg, bcfg = lc.pretrain, lc.backbone
+    seed = lc.seed
+    out_dir = lc.out_dir
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if pcfg.cpus_per_worker > 0:
         torch.set_num_threads(pcfg.cpus_per_worker)
@@ -121,16 +120,14 @@ def train_loop(loop_config: dict) -> dict:
         device = torch.device("cuda" if use_gpu else "cpu")
     bf16 = pcfg.precision == "bf16" or (pcfg.precision == "auto" and use_gpu)
 
-    dcls = DATASETS.get(loop_config["dataset"])
-    dataset = build_dataset(loop_config["dataset"], build(dcls.config_class, loop_config["dataset_cfg"],
-                                                          f"data.{loop_config['dataset']}"), "train")
+    dataset = build_dataset(lc.dataset, lc.dataset_cfg, "train")
     if pcfg.batch_size % world:
         raise ValueError(f"pretrain.batch_size {pcfg.batch_size} is not divisible by {world} workers")
     per_rank = pcfg.batch_size // world
     schedule = plan_schedule(pcfg, len(dataset), world)
 
     torch.manual_seed(seed)  # identical init on every worker (DDP also broadcasts rank 0's weights)
-    method = build_method(loop_config["method"], loop_config["method_cfg"], bcfg, schedule)
+    method = build_method(lc.method, lc.method_cfg, bcfg, schedule)
     transform = build_view_transform(method.view_spec())
     method.to(device)
     groups = method.param_groups()
@@ -168,7 +165,7 @@ def train_loop(loop_config: dict) -> dict:
     if pcfg.proxy_every > 0 and rank == 0:
         from bench.proxy import Proxy
 
-        proxy = Proxy.from_loop_config(loop_config, pcfg)
+        proxy = Proxy.from_loop_config(lc, pcfg)
 
     method.train()
     step = start
@@ -216,7 +213,7 @@ def train_loop(loop_config: dict) -> dict:
                 break
     wall = time.perf_counter() - t_start
     if rank == 0:
-        ckpt.save_torch({"method": loop_config["method"], "step": step, "method_state": method.state_dict(),
+        ckpt.save_torch({"method": lc.method, "step": step, "method_state": method.state_dict(),
                          "eval_backbone_prefix": method.eval_backbone_prefix()},  # --init needs no method
                         os.path.join(out_dir, "final.pt"))
         ckpt.prune(ckpt_dir, keep=0)

@@ -99,15 +99,20 @@ class Proxy:
         self.num_classes, self.metric, self.batch_size = num_classes, metric, batch_size
 
     @classmethod
-    def from_loop_config(cls, loop_config: dict, pcfg) -> "Proxy":
+    def from_loop_config(cls, loop_config, pcfg) -> "Proxy":
+        """The val split of the pretraining dataset of ``loop_config`` (a ``LoopConfig``, or a dict with
+        ``dataset`` and ``dataset_cfg`` as plain data)."""
         from bench.config import build
         from bench.data import build_dataset
         from bench.registry import DATASETS
 
         check_settings(pcfg.proxy_every, pcfg.proxy_images, pcfg.proxy_metric)
-        name = loop_config["dataset"]
-        dcls = DATASETS.get(name)
-        val = build_dataset(name, build(dcls.config_class, loop_config["dataset_cfg"], f"data.{name}"), "val")
+        if isinstance(loop_config, dict):
+            name = loop_config["dataset"]
+            dcfg = build(DATASETS.get(name).config_class, loop_config["dataset_cfg"], f"data.{name}")
+        else:
+            name, dcfg = loop_config.dataset, loop_config.dataset_cfg
+        val = build_dataset(name, dcfg, "val")
         n = min(pcfg.proxy_images, len(val))
         if n < 2:
             raise BenchError(f"pretrain.proxy_every: the '{name}' val split has {len(val)} image(s); "

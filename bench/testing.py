@@ -93,16 +93,11 @@ def data_parallel(methods: dict, n_images: int, workers: int = 2, seed: int = 0)
     """{method: method_cfg} -> {method: {"loss", "grads"}} from ``workers`` Ray Train CPU workers."""
     import tempfile
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    from bench.launch import launch_pretraining
     from bench.raycluster import init_ray
 
     init_ray()
-    trainer = TorchTrainer(_worker, train_loop_config={"methods": methods, "n_images": n_images, "seed": seed},
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
-                                                        resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-dp-")))
-    result = trainer.fit()
+    result = launch_pretraining({"methods": methods, "n_images": n_images, "seed": seed}, worker=_worker,
+                                storage=tempfile.mkdtemp(prefix="bench-dp-"), workers=workers, cpus_per_worker=1)
     return {m: {"loss": r["loss"], "grads": {k: torch.from_numpy(v) for k, v in r["grads"].items()}}
             for m, r in result.return_value.items()}

@@ -356,7 +356,7 @@ def apply_values(loop: dict, method: str, overrides: dict) -> dict:
     return loop
 
 
-def train_worker(loop_config: dict) -> dict:
+def train_worker(loop_config) -> dict:
     """Ray Train worker function of a trial: records its placement group (rank 0), then ``train_loop``."""
     from bench.pretrain import train_loop
 
@@ -367,8 +367,8 @@ def train_worker(loop_config: dict) -> dict:
         if ray.train.get_context().get_world_rank() == 0:
             pg = ray.util.get_current_placement_group()
             if pg is not None:
-                os.makedirs(loop_config["out_dir"], exist_ok=True)
-                with open(os.path.join(loop_config["out_dir"], PG_FILE), "a") as fh:
+                os.makedirs(loop_config.out_dir, exist_ok=True)
+                with open(os.path.join(loop_config.out_dir, PG_FILE), "a") as fh:
                     fh.write(pg.id.hex() + "\n")
     except Exception:  # noqa: BLE001 - only bookkeeping for the driver's clean-up
         pass
@@ -403,11 +403,12 @@ def run_trial(config: dict, base: dict) -> None:
     import ray
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from bench.config import PretrainConfig, build
     from bench.evaluate import evaluate_method
+    from bench.launch import launch_pretraining
+    from bench.loopconfig import LoopConfig
     from bench.pretrain import read_metrics
     from bench.registry import METHODS
     from bench.search_space import SearchSpace
@@ -427,17 +428,10 @@ def run_trial(config: dict, base: dict) -> None:
     pcfg = build(PretrainConfig, loop["pretrain"], "pretrain")
     final = os.path.join(out_dir, "final.pt")
     if not os.path.exists(final):
-        trainer = TorchTrainer(
-            train_worker, train_loop_config=loop,
-            scaling_config=ray.train.ScalingConfig(num_workers=pcfg.workers, use_gpu=pcfg.gpu,
-                                                   resources_per_worker={"CPU": pcfg.cpus_per_worker
-                                                                         - DRIVER_CPU / pcfg.workers}),
-            run_config=ray.train.RunConfig(
-                name=f"{trial_id}-{int(time.time())}", storage_path=os.path.join(base["dir"], "train"),
-                callbacks=[TuneReportCallback()],
-                failure_config=ray.train.FailureConfig(max_failures=pcfg.max_failures)),
-        )
-        result = trainer.fit()
+        result = launch_pretraining(
+            LoopConfig.from_dict(loop), worker=train_worker, storage=os.path.join(base["dir"], "train"),
+            workers=pcfg.workers, use_gpu=pcfg.gpu, cpus_per_worker=pcfg.cpus_per_worker - DRIVER_CPU / pcfg.workers,
+            name=f"{trial_id}-{int(time.time())}", callbacks=[TuneReportCallback()], max_failures=pcfg.max_failures)
         loop_s = (getattr(result, "return_value", None) or {}).get("wall_s")
     else:
         loop_s = None
@@ -478,7 +472,7 @@ class Search:
     def _prepare(self) -> None:
         from bench.config import to_dict
         from bench.data import build_dataset
-        from bench.pipeline import ensure_writable
+        from bench.storage import ensure_writable
         from bench.pretrain import plan_schedule
         from bench.proxy import check_settings
         from bench.registry import TASKS
@@ -531,7 +525,8 @@ class Search:
         import ray
         from ray import tune
 
-        from bench.pipeline import eval_spec, loop_config
+        from bench.loopconfig import loop_config
+        from bench.evaluate import eval_spec
         from bench.raycluster import init_ray
         from bench.tracking import Tracker, git_commit
 
@@ -562,7 +557,7 @@ class Search:
                                                 o.concurrent, o.trials, int(res.get("CPU", 1)), int(res.get("GPU", 0)))
         for line in self.space.notes + notes:
             self.console.print(f"  [yellow]{line}[/yellow]")
-        loop = loop_config(c, o.method, self.pcfg, "", cpw)
+        loop = loop_config(c, o.method, self.pcfg, "", cpw).to_dict()
         loop["pretrain"]["proxy_every"] = self.proxy_every
         spec = eval_spec(c, o.method, self.n_pretrain)
         spec["tasks"] = {o.task: spec["tasks"][o.task]}

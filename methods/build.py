@@ -14,10 +14,12 @@ from bench.registry import METHODS
 from methods.base import Method, Schedule
 
 
-def build_method(name: str, method_cfg: dict, backbone_cfg: BackboneConfig, schedule: Schedule) -> Method:
-    """The registered method ``name`` with ``method_cfg`` (validated as ``methods.<name>``) on a fresh backbone."""
+def build_method(name: str, method_cfg, backbone_cfg: BackboneConfig, schedule: Schedule) -> Method:
+    """The registered method ``name`` on a fresh backbone; ``method_cfg``: plain data (validated here as
+    ``methods.<name>``) or an already validated instance of the method's ``config_class``."""
     cls = METHODS.get(name)
-    cfg = build(cls.config_class, method_cfg, f"methods.{name}")
+    cfg = method_cfg if isinstance(method_cfg, cls.config_class) else build(cls.config_class, method_cfg,
+                                                                             f"methods.{name}")
 
     def factory():
         return create_backbone(backbone_cfg.name, backbone_cfg.init, backbone_cfg.drop_path)

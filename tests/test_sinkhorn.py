@@ -136,16 +136,12 @@ def test_distributed_on_two_ray_train_workers(tmp_path):
     from bench.raycluster import init_ray
 
     init_ray(num_cpus=2)
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from bench.launch import launch_pretraining
 
     scores = _cosine_scores(18, 5, seed=4)
     shards = list(scores.split([7, 11]))
-    trainer = TorchTrainer(_ray_loop, train_loop_config={"shards": shards, "out": str(tmp_path)},
-                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
-                                                        resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="sk"))
-    trainer.fit()
+    launch_pretraining({"shards": shards, "out": str(tmp_path)}, worker=_ray_loop, storage=str(tmp_path / "ray"),
+                       name="sk", workers=2, cpus_per_worker=1)
     parts = [torch.load(tmp_path / f"codes_{r}.pt") for r in range(2)]
     assert torch.allclose(torch.cat(parts), swav_sinkhorn(scores, epsilon=0.05, n_iter=3), atol=1e-6)
 

@@ -1,0 +1,38 @@
+"""The one place a Ray Train ``TorchTrainer`` is built: ``bench run``, ``bench tune`` trials, ``bench perf`` and
+the data-parallel tests all pretrain through ``pretraining_trainer`` / ``launch_pretraining``.
+
+The worker function gets its config bound (``functools.partial``) instead of through ``train_loop_config``:
+Ray Train records that argument as a JSON-like dict in its run state, while the loop takes one frozen
+``LoopConfig`` of typed sections (``bench.loopconfig``), sent as is to every worker.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+from bench.pretrain import train_loop
+
+
+def pretraining_trainer(config: Any, *, storage: str, workers: int = 1, cpus_per_worker: float = 1,
+                        use_gpu: bool = False, name: Optional[str] = None, max_failures: int = 0,
+                        callbacks: Sequence = (), worker: Callable[[Any], Any] = train_loop):
+    """A ``TorchTrainer`` running ``worker(config)`` on ``workers`` workers of ``cpus_per_worker`` CPUs (and one GPU
+    each with ``use_gpu``); checkpoints and Ray's run state under ``storage``; ``max_failures`` restarts of
+    the worker group (the loop resumes from its newest checkpoint); ``callbacks``: Ray Train run callbacks
+    (e.g. Tune's report callback). ``config`` is usually a ``LoopConfig`` and ``worker`` ``train_loop``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        functools.partial(worker, config),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks) or None,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+
+
+def launch_pretraining(config: Any, **kwargs):
+    """``pretraining_trainer(config, **kwargs).fit()``: runs to the end and returns Ray Train's ``Result``
+    (``return_value``: rank 0's return value, ``train_loop``'s summary dict)."""
+    return pretraining_trainer(config, **kwargs).fit()
