@@ -5,7 +5,7 @@ import os
 import pytest
 
 from bench.cli import main
-from tests.conftest import tiny_argv
+from tests.support import tiny_argv
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from tests.conftest import tiny_argv
+from tests.support import tiny_argv
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:

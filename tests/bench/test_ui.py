@@ -150,7 +150,7 @@ def test_ui_shows_runs_leaderboard_and_metrics_in_a_real_browser(tmp_path, monke
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from tests.conftest import tiny_argv
+    from tests.support import tiny_argv
 
     monkeypatch.chdir(tmp_path)
     try:

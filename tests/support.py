@@ -1,9 +1,13 @@
-"""Data-parallel equivalence check: one training step on N Ray Train workers vs one process.
+"""Test support shared by several test files (``from tests.support import ...``; never shipped in the package).
+
+- ``tiny_argv``: ``--set`` options of a few-step pretraining and evaluation for end-to-end CLI tests.
+- ``single_process`` / ``data_parallel``: the data-parallel equivalence check, one training step on N Ray
+  Train workers vs one process.
 
 Every worker builds the method from the same seed, takes its equal shard of the same global batch, and runs
 forward + backward under DDP; the mean of the workers' losses and the DDP-averaged gradients must equal the
 single-process loss and gradients on the whole batch when every cross-sample statistic (Sinkhorn sums,
-centering, queues, batch norm) is all-reduced as the specs say. Used by the tests and by ``bench perf``.
+centering, queues, batch norm) is all-reduced as the specs say.
 """
 
 from __future__ import annotations
@@ -14,6 +18,21 @@ from bench.backbones import create_backbone
 from bench.data.synthetic import SyntheticConfig, SyntheticScenes
 from bench.data.views import PretrainViews, build_view_transform, collate_views
 from methods.base import Schedule
+
+
+# Small settings shared by end-to-end tests: a few steps of batch 8 on 64 training images.
+TINY_SETS = [
+    "pretrain.epochs=1", "pretrain.steps_per_epoch=3", "pretrain.batch_size=8", "pretrain.log_every=1",
+    "pretrain.checkpoint_every=2", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
+    "tasks.linseg.epochs=2", "tasks.linseg.drop_at=1",
+]
+
+
+def tiny_argv(*extra: str) -> list[str]:
+    out = []
+    for s in TINY_SETS:
+        out += ["--set", s]
+    return out + list(extra)
 
 
 def _build(method: str, method_cfg: dict, seed: int, steps: int = 100, world: int = 1):

@@ -262,7 +262,7 @@ def test_bench_run_det_end_to_end(tmp_path, monkeypatch, capsys):
     import ray
 
     from bench.cli import main
-    from tests.conftest import tiny_argv
+    from tests.support import tiny_argv
 
     monkeypatch.chdir(tmp_path)
     argv = ["run", "--methods", "dino", "--tasks", "det", "--run-id", "det", "--no-progress"] + tiny_argv(

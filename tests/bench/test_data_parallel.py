@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.registry import METHODS
-from bench.testing import data_parallel, single_process
+from tests.support import data_parallel, single_process
 
 
 # Small but real configs: every method's cross-sample statistics must be all-reduced to pass.

@@ -348,7 +348,7 @@ def test_tiny_search_completes_with_early_stops_and_logs_everything(search):
 @pytest.mark.slow
 def test_run_from_tune_pretrains_with_the_best_config(search, monkeypatch, capsys):
     from bench.cli import main
-    from tests.conftest import tiny_argv
+    from tests.support import tiny_argv
 
     monkeypatch.chdir(search)
     best = json.loads((search / "bench_runs" / "tune" / "tiny" / "best.json").read_text())

@@ -67,7 +67,7 @@ def test_coco_hierarchy_resource_is_consistent_and_shipped():
         a = h["coarse27_names"][int(c27)].replace("-stuff", "").replace("-", "")
         b = h["stuff15_names"][c15].replace("-stuff", "").replace("-", "")
         assert a == b
-    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as fh:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as fh:
         assert "resources/*.json" in fh.read()
 
 
