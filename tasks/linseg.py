@@ -198,7 +198,7 @@ class LinearSegmentation(Task):
                     f"{n_train} train / {len(data.val)} val images")
         figures = {}
         if shown is not None:
-            from bench.figures import prediction_figure
+            from bench.plots import prediction_figure
 
             title = f"linseg: linear probe predictions, {data.name} val (mIoU {res['miou']:.1f})"
             figures["predictions.png"] = prediction_figure(*shown, data.class_names, title=title)
