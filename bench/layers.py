@@ -23,7 +23,7 @@ LAYER_OF = {
     # core: names, configuration, errors, files; nothing above it
     "bench": "core", "bench.errors": "core", "bench.registry": "core", "bench.plugins": "core",
     "bench.config": "core", "bench.checkpoint": "core", "bench.storage": "core", "bench.raycluster": "core",
-    "bench.plots": "core", "bench.layers": "core",
+    "bench.plots": "core", "bench.layers": "core", "bench.components": "core",
     "bench.recipes": "core", "bench.names": "core", "bench.resources": "core", "bench.runlock": "core",
     # data: datasets, views, backbones: what methods and tasks are built from
     "bench.data": "data", "bench.backbones": "data",
