@@ -18,10 +18,9 @@ Metrics: ``miou`` (mean over seeds), ``miou_std`` (sample std over seeds), ``pix
 holds the mean per-class IoU, the per-seed mIoU / accuracy, the k-means inertia per point and seed 0's
 cluster→class mapping.
 
-K-means runs in torch on the task's device (GPU when evaluating on one): greedy k-means++ seeding (as
-scikit-learn, on a ≤ max(10k, 512·K)-point sample) and Lloyd iterations on all fit points until the centroid
-shift is below ``tol`` × the mean feature variance (at most ``iters``). On one CPU thread it matches
-scikit-learn's inertia and is about 2× faster at 200k×384, K=27 (tests/test_cluster.py compares inertia).
+K-means (``methods.common.clustering.kmeans``) runs on the task's device: greedy k-means++ seeding (as
+scikit-learn, on a ≤ max(50k, 1024·K)-point sample) and Lloyd iterations on all fit points (faiss on CPU, torch on
+a GPU) until the centroid shift is below ``tol`` × the mean feature variance (at most ``iters``).
 
 Deviations: PiCIE fits faiss K-means then mini-batch updates on the curated *train* images; this is plain
 batch K-means on (a ≤ ``max_fit_points`` subsample of) the evaluation tokens by default, which the spec's
@@ -31,7 +30,6 @@ harness recommendation (§2.5) allows and the protocol line records. Leopart's v
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -42,119 +40,9 @@ from torch.nn import functional as F
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
 from bench.registry import TASKS
+from methods.common.clustering import assign, kmeans, kmeans_pp  # noqa: F401 (k-means lives there; re-exported)
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, iou_per_class, match_clusters, remap_confusion, summarize
-
-# ------------------------------------------------------------------------------------------- k-means
-
-
-def _sq_dists(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None,
-              x_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """x N×D, c K×D -> N×K squared Euclidean distances (clamped at 0); ``x_sq``/``c_sq``: precomputed norms²."""
-    c_sq = (c * c).sum(1) if c_sq is None else c_sq
-    x_sq = (x * x).sum(1) if x_sq is None else x_sq
-    d = torch.addmm(c_sq[None, :], x, c.T.contiguous(), alpha=-2.0)
-    return d.add_(x_sq[:, None]).clamp_min_(0)
-
-
-def _nearest(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, x_sq: torch.Tensor):
-    """(squared distance to the nearest centroid N, its index N); ‖x‖² is added after the min (same argmin)."""
-    m, lab = torch.addmm(c_sq[None, :], x, c.T.contiguous(), alpha=-2.0).min(1)
-    return (m + x_sq).clamp_min_(0), lab
-
-
-def assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """x N×D, c K×D -> (labels N int64, squared distance to the assigned centroid N)."""
-    c_sq = (c * c).sum(1)
-    labels, dists = [], []
-    for s in range(0, x.shape[0], chunk):
-        xs = x[s:s + chunk]
-        m, i = _nearest(xs, c, c_sq, (xs * xs).sum(1))
-        labels.append(i)
-        dists.append(m)
-    return torch.cat(labels), torch.cat(dists)
-
-
-def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding (2 + ⌊ln k⌋ candidates per step, keep the one lowering the potential most)."""
-    n = x.shape[0]
-    trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [x[first]]
-    x_sq = (x * x).sum(1)
-    closest = _sq_dists(x, x[first:first + 1], x_sq=x_sq)[:, 0]
-    for _ in range(1, k):
-        pot = closest.double().cumsum(0)
-        if float(pot[-1]) <= 0:  # fewer distinct points than k: any point will do
-            idx = torch.randint(n, (trials,), generator=gen).to(x.device)
-        else:
-            r = torch.rand(trials, generator=gen, dtype=torch.float64).to(x.device) * pot[-1]
-            idx = torch.searchsorted(pot, r).clamp_max_(n - 1)
-        d = _sq_dists(x, x[idx], x_sq[idx], x_sq)  # N×trials
-        cand = torch.minimum(closest[:, None], d)
-        best = int(cand.sum(0).argmin())
-        closest = cand[:, best].contiguous()
-        centres.append(x[idx[best]])
-    return torch.stack(centres)
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float = 1e-4, n_init: int = 1,
-           init_points: int = 0, chunk: int = 32768) -> tuple[torch.Tensor, float]:
-    """x N×D float -> (centroids K×D, inertia = Σ squared distance to the nearest centroid), the best of
-    ``n_init`` runs (k-means++ seeding + Lloyd).
-
-    Seeding runs on at most ``init_points`` random points (0: max(50,000, 1024·K); scikit-learn seeds on all
-    points, faiss on 256 per centroid), Lloyd on all of them. Seeding on a 10,000-point sample cost 0.4 % of
-    inertia against scikit-learn on 20,000 points (20 seeds, ~1.3 standard errors); on all of them the gap was
-    0.05 %; empty clusters are
-    re-seeded with the points farthest from their centroids (as scikit-learn does).
-    """
-    x = x.float()
-    n = x.shape[0]
-    if n < k:
-        raise BenchError(f"cluster: {n} feature vectors for K={k} clusters; use more images or a smaller k")
-    gen = torch.Generator().manual_seed(seed)
-    thresh = tol * float(x.var(0).mean())
-    x_sq = (x * x).sum(1)
-    init_points = init_points or max(50_000, 1024 * k)
-    best: tuple[torch.Tensor, float] | None = None
-    for _ in range(max(1, n_init)):
-        sub = x if n <= init_points else x[torch.randperm(n, generator=gen)[:init_points].to(x.device)]
-        c = _lloyd(x, x_sq, kmeans_pp(sub, k, gen), iters, thresh, chunk)
-        _, d = assign(x, c)
-        inertia = float(d.double().sum())
-        if best is None or inertia < best[1]:
-            best = (c, inertia)
-    return best
-
-
-def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, iters: int, thresh: float,
-           chunk: int) -> torch.Tensor:
-    n, k = x.shape[0], c.shape[0]
-    for _ in range(iters):
-        # E and M step fused per chunk (one pass over the points per iteration)
-        sums = torch.zeros_like(c)
-        counts = torch.zeros(k, device=x.device, dtype=torch.long)
-        dists = []
-        c_sq = (c * c).sum(1)
-        for s in range(0, n, chunk):
-            xs = x[s:s + chunk]
-            m, lab = _nearest(xs, c, c_sq, x_sq[s:s + chunk])
-            sums.index_add_(0, lab, xs)
-            counts += torch.bincount(lab, minlength=k)
-            dists.append(m)
-        empty = (counts == 0).nonzero()[:, 0]
-        if len(empty):
-            far = torch.cat(dists).topk(len(empty)).indices
-            sums[empty] = x[far]
-            counts[empty] = 1
-        new = sums / counts[:, None].to(sums.dtype)
-        shift = float(((new - c) ** 2).sum())
-        c = new
-        if shift <= thresh:
-            break
-    return c
-
 
 # --------------------------------------------------------------------------------------------- task
 
