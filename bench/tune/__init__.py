@@ -2,12 +2,15 @@
 
 One search = ``--trials`` trials of one (method, task). Each trial:
 
-1. pretrains through the same ``bench.pretrain.train_loop`` as ``bench run``, run by a Ray Train ``TorchTrainer``
-   built inside the trial (the Ray Train V2 pattern: a Tune function trainable owns the trainer and forwards its
-   reports with ``TuneReportCallback``); every ``pretrain.proxy_every`` steps rank 0 reports a held-out proxy
-   score (``proxy``, bench/proxy.py) that ASHA compares across trials;
-2. evaluates the task with ``bench.evaluate.evaluate_method`` (a Ray task with the trial's CPUs/GPU) and reports
-   the task's primary metric as ``objective``, the search objective.
+1. pretrains through the same ``bench.pretrain.train_loop`` as ``bench run``: a single-worker trial (the default)
+   runs the loop in a thread of its own process (``bench.tune.inprocess``: no worker group, no second actor, no
+   per-trial Ray Train start), a multi-worker trial through a Ray Train ``TorchTrainer`` built inside the trial
+   (the Ray Train V2 pattern: a Tune function trainable owns the trainer and forwards its reports with
+   ``TuneReportCallback``); every ``pretrain.proxy_every`` steps rank 0 reports a held-out proxy score
+   (``proxy``, bench/proxy.py) that ASHA compares across trials;
+2. evaluates the task with ``bench.evaluate.evaluate_method`` (in the trial's process when it trained there, else
+   a Ray task with the trial's CPUs/GPU) and reports the task's primary metric as ``objective``, the search
+   objective.
 
 Search: ``OptunaSearch`` (TPE, seeded with ``run.seed``; the method's default config is the first point when it
 lies in the space) behind a ``ConcurrencyLimiter`` (``--concurrent``, default: as many trials as the cluster's
@@ -23,9 +26,11 @@ Files, under ``<run.storage>/tune/<name>/``:
                            attempts.jsonl (one line per start: a finished trial is never started again)
     train/                 Ray Train's run folders of the trials
     trials.csv, best.json  the summary; ``bench run --from-tune <name>`` reads best.json
-Resources: a trial's Tune function only drives Ray Train and reserves 0.01 CPU; its Train workers and its evaluation
-take the rest of its share (``pretrain.workers`` × ``pretrain.cpus_per_worker``). The driver frees the placement
-group of a trial that ASHA stopped (see ``release_placement_groups``).
+Resources: a single-worker trial reserves its whole share (``pretrain.cpus_per_worker`` CPUs, one GPU with
+``pretrain.gpu``) and trains and evaluates itself; a multi-worker trial's Tune function only drives Ray Train and
+reserves 0.01 CPU, its Train workers and its evaluation take the rest of its share (``pretrain.workers`` ×
+``pretrain.cpus_per_worker``). The driver frees the placement group of a trial that ASHA stopped (see
+``release_placement_groups``).
 Resume: ``bench tune --resume <name>`` = ``Tuner.restore``: finished trials are kept, interrupted ones restart
 and continue their pretraining from its last checkpoint, the TPE sampler keeps its history, and ASHA's rungs are
 refilled from the finished trials' proxy history (Tune does not save scheduler state).
@@ -39,7 +44,7 @@ callback), so a trial that ASHA stops is still closed properly.
 
 
 Modules: ``options`` (options, resource planning), ``schedulers`` (Optuna/ASHA), ``logger`` (the MLflow callback),
-``placement`` (placement-group clean-up), ``trial`` (one trial), ``search`` (the search and its entry points),
+``placement`` (placement-group clean-up), ``trial`` (one trial), ``inprocess`` (a trial's loop in its own process), ``search`` (the search and its entry points),
 ``summary`` (trials table, best config), ``plots`` (Optuna's importances and plots), ``from_tune`` (``--from-tune``).
 """
 

@@ -11,12 +11,12 @@ from dataclasses import asdict
 
 from bench import checkpoint as ckpt
 from bench.errors import BenchError
-from bench.tune.constants import DRIVER_CPU, OBJECTIVE, PROXY, STATE_FILE, TRIALS_FILE, TUNE_DIR
+from bench.tune.constants import OBJECTIVE, PROXY, STATE_FILE, TRIALS_FILE, TUNE_DIR
 from bench.tune.logger import TrialLogger
 from bench.tune.options import TuneOptions, check_options, plan_resources, search_dir
 from bench.tune.schedulers import BenchASHA, BenchOptunaSearch
 from bench.tune.summary import SearchSummary
-from bench.tune.trial import run_trial
+from bench.tune.trial import run_trial, trial_resources
 
 
 class Search(SearchSummary):
@@ -122,7 +122,8 @@ class Search(SearchSummary):
         spec["tasks"] = {o.task: spec["tasks"][o.task]}
         base = {"method": o.method, "task": o.task, "dir": self.dir, "loop": loop, "spec": spec,
                 "fixed": self.space.fixed, "total_steps": self.total}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": DRIVER_CPU})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
+                                        trial_resources(self.pcfg.workers, cpw, self.pcfg.gpu))
 
         verb = "resuming" if self.resume else "starting"
         self.console.print(f"[bold]bench tune[/bold] {o.name}: {verb} {o.trials} trials of {o.method} on {o.task} "
@@ -169,7 +170,9 @@ class Search(SearchSummary):
         return tune.Tuner(
             trainable, param_space=self.space.param_space(),
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
-                                        scheduler=scheduler, num_samples=o.trials),
+                                        scheduler=scheduler, num_samples=o.trials,
+                                        # a stopped in-process trial must take its training thread with it
+                                        reuse_actors=False),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=self.dir,
                                       callbacks=[TrialLogger(info)], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),

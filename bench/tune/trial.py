@@ -1,5 +1,9 @@
-"""One ``bench tune`` trial: the Tune function trainable that pretrains with Ray Train, evaluates the task and
-reports the objective."""
+"""One ``bench tune`` trial: the Tune function trainable that pretrains, evaluates the task and reports the objective.
+
+Single-worker trials (``pretrain.workers`` 1, the default) train and evaluate inside the trial's own process
+(``bench.tune.inprocess``) and reserve the trial's CPUs (and GPU) themselves; multi-worker trials build a Ray Train
+``TorchTrainer`` (the Train V2 pattern, reports forwarded by ``TuneReportCallback``) and evaluate in a Ray task,
+the trial itself reserving only ``DRIVER_CPU``."""
 
 from __future__ import annotations
 
@@ -10,6 +14,20 @@ import time
 
 from bench.tune.constants import DRIVER_CPU, OBJECTIVE, PG_FILE, PROXY
 from bench.tune.logger import _finite
+
+
+def in_process(workers: int) -> bool:
+    """Whether a trial with ``workers`` Train workers runs its loop and evaluation in its own process."""
+    return workers == 1
+
+
+def trial_resources(workers: int, cpus_per_worker: int, gpu: bool) -> dict:
+    """What a trial's Tune function reserves: all of its share when it trains itself, else only ``DRIVER_CPU``
+    (its Train workers and evaluation task take the rest)."""
+    if in_process(workers):
+        return {"CPU": cpus_per_worker, "GPU": 1} if gpu else {"CPU": cpus_per_worker}
+    return {"CPU": DRIVER_CPU}
+
 
 def apply_values(loop: dict, method: str, overrides: dict) -> dict:
     """A copy of the base ``loop_config`` with a trial's method/pretrain values."""
@@ -39,7 +57,7 @@ def train_worker(loop_config: dict) -> dict:
 
 
 def run_trial(config: dict, base: dict) -> None:
-    """The Tune function trainable: pretrain with Ray Train, evaluate, report ``objective``."""
+    """The Tune function trainable: pretrain (here or with Ray Train), evaluate, report ``objective``."""
     import ray
     import ray.train
     from ray import tune
@@ -68,7 +86,13 @@ def run_trial(config: dict, base: dict) -> None:
     build(cls.config_class, loop["method_cfg"], f"methods.{method}")  # a bad combination fails here, clearly
     pcfg = build(PretrainConfig, loop["pretrain"], "pretrain")
     final = os.path.join(out_dir, "final.pt")
-    if not os.path.exists(final):
+    here = in_process(pcfg.workers)
+    loop_s = None
+    if not os.path.exists(final) and here:
+        from bench.tune.inprocess import train_in_process
+
+        loop_s = train_in_process(loop, tune.report).get("wall_s")
+    elif not os.path.exists(final):
         trainer = TorchTrainer(
             train_worker, train_loop_config=loop,
             scaling_config=ray.train.ScalingConfig(num_workers=pcfg.workers, use_gpu=pcfg.gpu,
@@ -81,17 +105,18 @@ def run_trial(config: dict, base: dict) -> None:
         )
         result = trainer.fit()
         loop_s = (getattr(result, "return_value", None) or {}).get("wall_s")
-    else:
-        loop_s = None
     t1 = time.perf_counter()
     spec = copy.deepcopy(base["spec"])
     spec["method_cfg"], spec["pretrain"] = loop["method_cfg"], loop["pretrain"]
     cpus = pcfg.workers * pcfg.cpus_per_worker
-    # outside the trial's placement group (Tune captures child tasks; the trial itself reserves nothing)
-    remote = ray.remote(evaluate_method).options(num_cpus=(1 if pcfg.gpu else cpus) - DRIVER_CPU,
-                                                 num_gpus=1 if pcfg.gpu else 0,
-                                                 scheduling_strategy="DEFAULT")
-    res = ray.get(remote.remote(method, final, [task], spec, out_dir, pcfg.gpu, cpus))[task]
+    if here:  # the trial holds the CPUs (and GPU): evaluate right here
+        res = evaluate_method(method, final, [task], spec, out_dir, pcfg.gpu, cpus)[task]
+    else:
+        # outside the trial's placement group (Tune captures child tasks; the trial itself reserves nothing)
+        remote = ray.remote(evaluate_method).options(num_cpus=(1 if pcfg.gpu else cpus) - DRIVER_CPU,
+                                                     num_gpus=1 if pcfg.gpu else 0,
+                                                     scheduling_strategy="DEFAULT")
+        res = ray.get(remote.remote(method, final, [task], spec, out_dir, pcfg.gpu, cpus))[task]
     t2 = time.perf_counter()
     proxies = [r[PROXY] for r in read_metrics(out_dir) if PROXY in r]
     report = {OBJECTIVE: float(res["metrics"][res["primary"]]), "step": base["total_steps"],
