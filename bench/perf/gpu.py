@@ -57,7 +57,9 @@ def count_flops(fn) -> int:
 # PAPER-SCALE STAND-IN, to be replaced by the `paper` recipes (methods/recipes/<m>.yaml, bench/recipes.py) once
 # they are merged: (backbone, method overrides, per-GPU batch) with the reference's compute-relevant values
 # (crop sizes and counts, head widths, backbones) from specs/methods.md. The lead swaps `paper_scale` for the
-# recipe loader; nothing else here depends on where the values come from.
+# recipe loader; nothing else here depends on where the values come from. ViCE: the reference's dilated
+# ResNet-50 (output stride 8) at 400 px is not built yet; on the stride-32 ResNet-50 the view must be a multiple
+# of 32, so 384 px.
 PAPER_SCALE = {
     "dino": ("vit_small_p16", {"global_size": 224, "local_size": 96, "n_local": 8, "out_dim": 65536,
                                "hidden_dim": 2048, "bottleneck_dim": 256}, 64),
@@ -65,7 +67,7 @@ PAPER_SCALE = {
     "leopart": ("vit_small_p16", {"global_size": 224, "local_size": 96, "n_local": 4, "hidden_dim": 2048,
                                   "out_dim": 256, "roi_size": 7}, 32),
     "clove": ("resnet50", {"global_size": 224, "local_size": 96, "n_local": 6, "proj_hidden_dim": 4096}, 64),
-    "vice": ("resnet50", {"view_size": 400, "min_img_size": 500, "n_views": 5, "decoder_dim": 256}, 16),
+    "vice": ("resnet50", {"view_size": 384, "min_img_size": 500, "n_views": 5, "decoder_dim": 256}, 16),
 }
 
 
