@@ -43,7 +43,7 @@ def test_unknown_benchmark_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_perf_ray_headline_and_tune_tiny(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    report = run_perf(["ray", "headline", "tune"], ["dino"], str(tmp_path / "perf"), tiny=True)
+    report = run_perf(["ray", "headline", "tune"], ["dino"], str(tmp_path / "perf"), tiny=True, profile=True)
     (row,) = report["results"]["tune"]
     assert row["status"] == "completed" and row["direct_s"] > 0 and row["trial_s"] > 0
     assert row["search_s"] >= row["trial_s"]
@@ -51,8 +51,11 @@ def test_perf_ray_headline_and_tune_tiny(tmp_path, monkeypatch):
     assert row["ratio"] > 0 and row["direct_images_per_s"] > 0
     phases = report["results"]["headline"]["phases_s"]
     assert {"ray_start", "pretrain_dino", "eval_dino", "logging", "total"} <= set(phases)
-    # a single-worker trial runs in its own process: no Ray Train worker group to start
-    assert (tmp_path / "perf.md").exists()
+    prof = report["results"]["headline"]["profile"]
+    (step,) = prof["steps"]
+    assert step["method"] == "dino" and step["top_ops"] and len(prof["eval"]["regions"]) == 2
+    md = (tmp_path / "perf.md").read_text()
+    assert "### dino: 2 training steps" in md and "### linseg evaluation" in md
 
 
 @pytest.mark.slow
