@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="-- then the bench command to run")
 
     pf = sub.add_parser("perf", help="benchmarks of the hot paths; writes results/perf.json and .md")
-    pf.add_argument("--only", default="sinkhorn,kmeans,ray,data,headline,tune,cost,scaling",
-                    help="comma-separated: sinkhorn, kmeans, ray, data, headline, tune, cost, scaling")
+    pf.add_argument("--only", default="sinkhorn,kmeans,ray,data,headline,tune,cost,scaling,loader",
+                    help="comma-separated: sinkhorn, kmeans, ray, data, headline, tune, cost, scaling, loader")
     pf.add_argument("--profile", action="store_true", help="headline: add per-op profiles of steps and evaluation")
     pf.add_argument("--gpu", action="store_true", help="the GPU suite instead (paper-scale bf16 steps, MFU, views, "
                                                        "linseg extraction) -> <out>-gpu.md")

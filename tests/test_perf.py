@@ -63,3 +63,10 @@ def test_perf_scaling_tiny(tmp_path):
     (row,) = run_perf(["scaling"], ["dino"], str(tmp_path / "perf"), tiny=True)["results"]["scaling"]
     assert row["w1x1_images_per_s"] > 0 and row["w2x1_images_per_s"] > 0 and row["w1x2threads_images_per_s"] > 0
     assert row["scaling_efficiency"] == pytest.approx(row["w2x1_images_per_s"] / (2 * row["w1x1_images_per_s"]))
+
+
+@pytest.mark.slow
+def test_perf_loader_tiny(tmp_path):
+    (row,) = run_perf(["loader"], ["dino"], str(tmp_path / "perf"), tiny=True)["results"]["loader"]
+    assert row["in_process_images_per_s"] > 0 and row["one_worker_images_per_s"] > 0
+    assert row["worker_speedup"] == pytest.approx(row["one_worker_images_per_s"] / row["in_process_images_per_s"])

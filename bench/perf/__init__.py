@@ -14,6 +14,7 @@ report. Run them on an idle machine for figures worth quoting.
     tune       one ``bench tune`` trial's wall time vs the same pretraining + evaluation called directly (tunecost)
     cost       step time vs crop size (64, 96, 128, 224) and batch size per method, CPU backbone (training)
     scaling    1 vs 2 Ray Train CPU workers at one global batch: scaling efficiency (training)
+    loader     the loop with the views built in the training process vs in 1 DataLoader worker (training)
     --gpu      paper-scale bf16 steps (images/s, peak memory, MFU), view pipeline, linseg extraction (gpu)
 """
 
@@ -25,7 +26,7 @@ import time
 from bench import checkpoint as ckpt
 from bench.errors import BenchError
 
-ALL = ["sinkhorn", "kmeans", "ray", "data", "headline", "tune", "cost", "scaling"]
+ALL = ["sinkhorn", "kmeans", "ray", "data", "headline", "tune", "cost", "scaling", "loader"]
 
 
 def run_perf(only: list[str], methods: list[str], out_prefix: str, tiny: bool = False, steps: int = 30,
@@ -86,6 +87,8 @@ def _run_one(name: str, methods: list[str], tiny: bool, steps: int, batch: int, 
         return training.bench_cost(methods)
     if name == "scaling":
         return training.bench_scaling(methods, 12 if tiny else steps, batch)
+    if name == "loader":
+        return training.bench_loader(methods, 12 if tiny else steps, batch)
     sets = ([] if not tiny else ["pretrain.epochs=1", "pretrain.steps_per_epoch=2", "pretrain.batch_size=8",
                                  "data.synthetic.num_train=32", "data.synthetic.num_val=8", "tasks.linseg.epochs=1"])
     return headline.bench_headline(methods, sets, profile=profile, profile_steps=2 if tiny else 5)

@@ -1,5 +1,6 @@
 """Training-side benchmarks of ``bench perf``: Ray Train's overhead, the view pipeline against the step, the cost
-table (step time vs crop size and batch size per method), and 1 vs 2 Ray Train CPU workers."""
+table (step time vs crop size and batch size per method), 1 vs 2 Ray Train CPU workers, and the views built in
+the training process vs in a DataLoader worker."""
 
 from __future__ import annotations
 
@@ -192,4 +193,30 @@ def bench_scaling(methods: list[str], steps: int, batch: int) -> list[dict]:
         rows.append({"method": method, "steps": steps, "batch": batch, "w1x1_images_per_s": one,
                      "w2x1_images_per_s": two, "w1x2threads_images_per_s": threads,
                      "scaling_efficiency": two / (2 * one), "workers_over_threads": two / threads})
+    return rows
+
+
+def bench_loader(methods: list[str], steps: int, batch: int) -> list[dict]:
+    """The pretraining loop in this process with the views built in the training process (``loader_workers`` 0)
+    and in 1 DataLoader worker process, back to back: steady images/s of each and their ratio. The numbers are
+    the same either way (bench/viewrng.py); this decides the faster default for the machine."""
+    from bench.pretrain import train_loop
+
+    rows = []
+    threads = torch.get_num_threads()
+    for method in methods:
+        ips = {}
+        for workers in (0, 1):
+            tmp = tempfile.mkdtemp(prefix="bench-perf-loader-")
+            try:
+                cfg = _loop_cfg(method, steps, os.path.join(tmp, "out"), batch)
+                cfg["pretrain"]["cpus_per_worker"] = threads
+                cfg["pretrain"]["loader_workers"] = workers
+                train_loop(cfg)
+                ips[workers] = _steady_images_per_s(os.path.join(tmp, "out"), batch)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        rows.append({"method": method, "steps": steps, "batch": batch, "threads": threads,
+                     "in_process_images_per_s": ips[0], "one_worker_images_per_s": ips[1],
+                     "worker_speedup": ips[1] / ips[0]})
     return rows
