@@ -1,5 +1,6 @@
 """``bench perf --gpu``: each method's paper-scale training step at bf16 on one GPU (images/s, peak memory, model
-FLOP utilisation), the view pipeline's images/s, and linseg feature-extraction throughput, in one command
+FLOP utilisation), the view pipeline's images/s, linseg feature-extraction throughput, and the cluster task's
+k-means (torch engine on the GPU vs faiss on the CPU), in one command
 (about 8 minutes or less on one GPU). Results: ``<out>-gpu.json`` and ``<out>-gpu.md`` (``results/perf-gpu.md``).
 
 MFU = FLOPs of one step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls
@@ -224,6 +225,7 @@ def run_gpu(methods: list[str], out_prefix: str, peak_tflops: float = 0.0, conso
 
     from bench import checkpoint as ckpt
     from bench.perf.common import environment
+    from bench.perf.micro import bench_kmeans
     from bench.perf.report import to_markdown
 
     name = require_gpu()
@@ -240,7 +242,9 @@ def run_gpu(methods: list[str], out_prefix: str, peak_tflops: float = 0.0, conso
     t0 = time.perf_counter()
     for key, fn in (("step_bf16", lambda: [bench_step(m, peak) for m in methods]),
                     ("views", lambda: [bench_views(m, workers) for m in methods]),
-                    ("linseg_extract", lambda: bench_extract(peak))):
+                    ("linseg_extract", lambda: bench_extract(peak)),
+                    # the cluster task's k-means: the torch engine on the GPU vs faiss-cpu on this machine's CPUs
+                    ("kmeans", lambda: bench_kmeans(seeds=3, gpu=True))):
         t = time.perf_counter()
         report["results"][key] = fn()
         console.print(f"[bold]{key}[/bold] ({time.perf_counter() - t:.0f}s): {report['results'][key]}")
