@@ -28,9 +28,6 @@ def bench_headline(methods: list[str], sets: list[str], profile: bool = False, p
     t = time.perf_counter()
     pipe.run()
     wall = time.perf_counter() - t
-    return {"methods": methods, "wall_s": wall, "phases_s": dict(pipe.timings.phases)}
-
-
     out = {"methods": methods, "wall_s": wall, "phases_s": dict(pipe.timings.phases)}
     if profile:
         out["profile"] = profile_headline(cfg, methods, profile_steps)

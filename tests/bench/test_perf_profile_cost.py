@@ -111,3 +111,38 @@ def test_gpu_suite_refuses_in_one_line_without_a_gpu(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU is visible" in err[0]
     assert not (tmp_path / "perf-gpu.md").exists()
+
+
+def test_headline_carries_the_profile_and_the_report_renders_it(tmp_path, monkeypatch):
+    import types
+
+    import bench.perf.headline as headline
+    import bench.pipeline
+    from bench.perf.report import to_markdown
+
+    class FakePipeline:
+        def __init__(self, cfg, progress=True):
+            self.timings = types.SimpleNamespace(phases={"ray_start": 1.0, "pretrain_dino": 2.0, "total": 3.5})
+
+        def run(self):
+            return []
+
+    step = {"method": "dino", "steps": 2, "batch": 8,
+            "regions": [{"region": "views", "ms": 10.0, "share": 0.25}, {"region": "forward", "ms": 30.0,
+                                                                         "share": 0.75}],
+            "top_ops": [{"op": "aten::mm", "self_ms": 20.0, "share": 0.5, "calls": 4}]}
+    seen = {}
+
+    def fake_profile(cfg, methods, steps):
+        seen["args"] = (list(cfg.run.methods), methods, steps)
+        return {"steps": [step], "eval": {"regions": step["regions"], "top_ops": step["top_ops"]}}
+
+    monkeypatch.setattr(bench.pipeline, "Pipeline", FakePipeline)
+    monkeypatch.setattr(headline, "profile_headline", fake_profile)
+    assert "profile" not in headline.bench_headline(["dino"], [])
+    res = headline.bench_headline(["dino"], [], profile=True, profile_steps=2)
+    assert seen["args"] == (["dino"], ["dino"], 2) and res["profile"]["steps"] == [step]
+    md = to_markdown({"env": {"torch": "x"}, "results": {"headline": res}})
+    assert "| pretrain_dino | 2 |" in md and "### dino: 2 training steps, batch 8" in md
+    assert "| views | 10 | 25.0 % |" in md and "| aten::mm | 20 | 50.0 % | 4 |" in md
+    assert "### linseg evaluation (untrained backbone)" in md
