@@ -106,9 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="-- then the bench command to run")
 
     pf = sub.add_parser("perf", help="benchmarks of the hot paths; writes results/perf.json and .md")
-    pf.add_argument("--only", default=",".join(["sinkhorn", "kmeans", "ray", "data", "headline", "tune"]),
-                    help="comma-separated: sinkhorn, kmeans, ray, data, headline, tune")
-    pf.add_argument("--methods", default="vice,clove,croc", help="methods for ray/data/headline/tune")
+    pf.add_argument("--only", default="sinkhorn,kmeans,ray,data,headline,tune,cost,scaling,loader",
+                    help="comma-separated: sinkhorn, kmeans, ray, data, headline, tune, cost, scaling, loader")
+    pf.add_argument("--profile", action="store_true", help="headline: add per-op profiles of steps and evaluation")
+    pf.add_argument("--gpu", action="store_true", help="the GPU suite instead (paper-scale bf16 steps, MFU, views, "
+                                                       "linseg extraction) -> <out>-gpu.md")
+    pf.add_argument("--peak-tflops", type=float, default=0.0, help="--gpu: the device's dense bf16 peak for MFU "
+                                                                   "(default: from the device name)")
+    pf.add_argument("--methods", default=None, help="methods for ray/data/headline/tune/cost/scaling (default "
+                                                    "vice,clove,croc; with --gpu every method)")
     pf.add_argument("--steps", type=int, default=30, help="pretraining steps for the ray and tune benchmarks")
     pf.add_argument("--out", default="results/perf", help="output prefix (.json and .md are written)")
     pf.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
@@ -387,9 +393,15 @@ def cmd_perf(args) -> int:
     from bench.perf import run_perf
     from bench.registry import METHODS
 
-    methods = METHODS.validate([m.strip() for m in args.methods.split(",") if m.strip()], "--methods")
+    given = args.methods or ("" if args.gpu else "vice,clove,croc")
+    methods = METHODS.validate([m.strip() for m in given.split(",") if m.strip()], "--methods")
+    if args.gpu:
+        from bench.perf.gpu import run_gpu
+
+        run_gpu(methods or sorted(METHODS.names()), args.out, args.peak_tflops)
+        return 0
     run_perf([o.strip() for o in args.only.split(",") if o.strip()], methods, args.out, tiny=args.tiny,
-             steps=args.steps)
+             steps=args.steps, profile=args.profile)
     return 0
 
 

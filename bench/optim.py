@@ -52,7 +52,8 @@ def build_optimizer(groups: list[dict], cfg: PretrainConfig) -> torch.optim.Opti
         g["lars_exclude"] = not g["apply_wd"]
     name = cfg.optimizer.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        # multi-tensor (foreach) update: the for-loop kernels' results bit for bit, without one op per parameter
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if name == "lars":

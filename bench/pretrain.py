@@ -28,6 +28,7 @@ from bench.loopconfig import LoopConfig
 from bench.data.views import PretrainViews, build_view_transform, collate_views
 from bench.optim import build_optimizer, clip_per_tensor, set_schedule
 from methods.build import build_method, load_trained_method, plan_schedule  # noqa: F401 (re-exported)
+from bench.viewrng import RngCollate, restore
 from methods.common.schedules import cosine_schedule
 
 
@@ -154,7 +155,7 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
     sampler = EpochSampler(len(dataset), per_rank, spe, rank, world, seed)
     loader = torch.utils.data.DataLoader(
         SeededViews(PretrainViews(dataset, transform), seed), batch_size=per_rank, sampler=sampler,
-        num_workers=pcfg.loader_workers, collate_fn=collate_views, drop_last=True,
+        num_workers=pcfg.loader_workers, collate_fn=RngCollate(collate_views), drop_last=True,
         persistent_workers=False, pin_memory=use_gpu)
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -176,7 +177,8 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
     while step < total:
         epoch = step // spe
         sampler.set_position(epoch, step % spe)
-        for batch in loader:
+        for item in loader:
+            batch = restore(item)  # the global RNG as if the views were built here (bench/viewrng.py)
             set_schedule(optimizer, float(lrs[step]), float(wds[step]))
             batch = _to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -28,6 +28,8 @@ from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, summarize
 
+FLOAT_CACHE_BYTES = 4 * 2**30  # up to this size the cached features are kept as float32 on the device
+
 PRESETS = {
     # native 96-px synthetic scenes; train at half label resolution, evaluate at full resolution. Features are
     # standardised per channel (train-set mean/std, a fixed affine map, so the probe stays linear) so that one
@@ -154,6 +156,9 @@ class LinearSegmentation(Task):
             mean, std = self._moments(cache, data.train, train_idx, cfg, feats, device)
             cache = [((f.to(device).float() - mean) / std, m) for f, m in cache]
             cache = [(f.half().cpu(), m) for f, m in cache]
+        # the fp16 cache as float32 on the device once, not once per epoch (the same values: fp16 -> fp32 is exact)
+        if cache and sum(f.numel() for f, _ in cache) * 4 <= FLOAT_CACHE_BYTES:
+            cache = [(f.to(device).float(), m.to(device)) for f, m in cache]
         torch.manual_seed(cfg.seed)
         head = nn.Conv2d(probe_dim, C, kernel_size=1).to(device)
         opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

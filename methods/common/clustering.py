@@ -266,7 +266,7 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 KMEANS_ENGINES = ("faiss", "torch")
 # The Lloyd engine of ``kmeans`` on CPU tensors (a GPU tensor always runs the torch engine, faiss-cpu has no GPU).
-# `bench perf --only kmeans` compares both at equal seeds; the slower one is deleted, see docs in bench/perf.
+# `bench perf --only kmeans` compares both at equal seeds (docs/perf.md); the slower one is to be deleted.
 KMEANS_ENGINE = "faiss"
 
 
@@ -298,7 +298,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float 
         sub = x if n <= init_points else x[torch.randperm(n, generator=gen)[:init_points].to(x.device)]
         c0 = kmeans_pp(sub, k, gen)
         if engine == "faiss":
-            c = _lloyd_faiss(x, c0, iters, thresh, seed)
+            c = _lloyd_faiss(x.cpu(), c0.cpu(), iters, thresh, seed).to(x.device)
         else:
             c = _lloyd(x, x_sq, c0, iters, thresh, chunk)
         _, d = assign(x, c)
