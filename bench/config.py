@@ -51,6 +51,7 @@ class BackboneConfig:
     name: str = "vit_tiny_d4_p8"
     init: str = ""  # path to a local checkpoint (loaded with weights_only=True); random init otherwise
     drop_path: float = 0.0
+    output_stride: int = 0  # ResNets: 0 = native 32 (undilated layer4), 16 or 8 = dilated (timm output_stride)
 
 
 @dataclass
