@@ -47,7 +47,7 @@ class DINOConfig:
     n_local: int = 2  # ref 8
     global_scale: tuple = (0.4, 1.0)
     local_scale: tuple = (0.05, 0.4)
-    embedding: str = "patch_mean"  # head input: patch_mean | cls (ref; see the module docstring)
+    embedding: str = "patch_mean"  # head input: patch_mean | cls (ref; see docs/methods.md)
     jitter_strength: float = 0.25  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
     blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
 

@@ -106,6 +106,14 @@ class CrOCPair(nn.Module):
         self.head = head
 
 
+def _rename_loss_centres(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the loss became one module keep their centres as ``loss_image.center`` and
+    ``loss_object.center``; they load into ``loss_fn.image`` / ``loss_fn.object``."""
+    for old, new in (("loss_image.", "loss_fn.image."), ("loss_object.", "loss_fn.object.")):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
 @METHODS.register("croc")
 class CrOC(Method):
     config_class = CrOCConfig
@@ -123,6 +131,7 @@ class CrOC(Method):
         self.student = CrOCPair(backbone, head)
         self.teacher = make_teacher(self.student)
         self.loss_fn = CrOCLoss(cfg, schedule.epochs)
+        self._register_load_state_dict_pre_hook(_rename_loss_centres)
         self.ema = EMASchedule(cfg.momentum_teacher, schedule.total_steps)
         # Drawn from the global generator, which the loop seeds identically on every worker before building.
         self.noise_seed = int(torch.randint(0, 2**31 - 1, ()))

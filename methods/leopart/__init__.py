@@ -88,7 +88,7 @@ class LeopartConfig:
 class Leopart(Method):
     config_class = LeopartConfig
     # ref: AdamW, lr 1e-4 heads / 1e-5 backbone, cosine to 0, no warm-up, wd 0.04 → 0.5, 50 epochs from DINO
-    # weights. From a random init the CPU default trains ten times faster (see the module docstring).
+    # weights. From a random init the CPU default trains ten times faster (see docs/methods.md).
     pretrain_defaults = {"optimizer": "adamw", "lr": 1e-3, "min_lr": 0.0, "warmup_epochs": 0.0, "epochs": 2,
                          "weight_decay": 0.04, "weight_decay_end": 0.5, "clip_grad": 0.0}
 

@@ -32,7 +32,7 @@ from methods.vice.views import SuperpixelViews, SuperpixelViewSpec  # noqa: F401
 
 @dataclass
 class ViCEConfig:
-    # ---- views (bench/data/superpixels.py)
+    # ---- views (views.py)
     n_views: int = 3  # ref 5
     view_size: int = 64  # ref 400
     resize_range: tuple = (0.5, 1.5)
@@ -53,7 +53,7 @@ class ViCEConfig:
     embed_dim: int = 128  # OUT_FEAT_DIM
     decoder_dim: int = 128  # ref 256 (DECODER_CH)
     low_level_dim: int = 48
-    fuse_convs: int = 0  # separable 3×3 convs after the concatenation (ref 2; see the module docstring)
+    fuse_convs: int = 0  # separable 3×3 convs after the concatenation (ref 2; see docs/methods.md)
     decoder_norm: str = "gn"  # gn | bn (ref SyncBN)
     train_stride: int = 2  # pixels per cell of the map the loss sees; ref 1 (input resolution)
     eval_stride: int = 4  # pixels per cell of dense_features; ref 1
@@ -61,7 +61,7 @@ class ViCEConfig:
     pooling: str = "representative"  # representative (ref COCO DeepLab) | mean (ref FPN)
     # ---- loss
     temperature: float = 0.1
-    epsilon: float = 0.02  # ref 0.05 (see "From random init" in the module docstring)
+    epsilon: float = 0.02  # ref 0.05 (docs/methods.md, "From random init")
     sinkhorn_iters: int = 3
     hard_assignment_iters: int = 0  # one-hot (argmax) codes for the first N iterations (temp_hard_assignment_iters)
     coherence_weight: float = 1.0
@@ -100,7 +100,7 @@ class ViCEConfig:
 @METHODS.register("vice")
 class ViCE(Method):
     config_class = ViCEConfig
-    # ref: LARC-SGD lr 0.32 / 128 images, wd 1e-6, 12 epochs (see the module docstring for the CPU choice)
+    # ref: LARC-SGD lr 0.32 / 128 images, wd 1e-6, 12 epochs (see docs/methods.md for the CPU choice)
     pretrain_defaults = {"optimizer": "adamw", "lr": 1e-4, "min_lr": 1e-5, "warmup_epochs": 0.2, "epochs": 2,
                          "weight_decay": 1e-6, "weight_decay_end": 1e-6, "clip_grad": 3.0}
 

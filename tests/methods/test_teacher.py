@@ -65,3 +65,14 @@ def test_ema_schedule_is_a_clamped_cosine_to_one():
     expected = 0.996 * t.weight.detach() + 0.004 * s.weight.detach()
     ema.update(t, s, 0)
     assert torch.allclose(t.weight, expected)
+
+
+def test_croc_loads_a_checkpoint_written_before_its_loss_became_one_module():
+    m = _method("croc", drop_path=0.0)
+    state = m.state_dict()
+    old = {k.replace("loss_fn.image.", "loss_image.").replace("loss_fn.object.", "loss_object."): v.clone()
+           for k, v in state.items()}
+    old["loss_image.center"].fill_(0.5)
+    assert "loss_image.center" in old and "loss_fn.image.center" not in old
+    m.load_state_dict(old, strict=True)
+    assert torch.all(m.loss_fn.image.center == 0.5)
