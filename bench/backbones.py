@@ -1,7 +1,9 @@
 """timm models as dense feature extractors: B×3×H×W images -> B×C×h×w feature maps.
 
 ViTs give their last-block patch tokens after the final norm (CLS dropped) reshaped to the patch grid;
-ResNets give their last stage map. Weights start random (nothing can be downloaded) or come from a
+ResNets give their last stage map: layer4 at output stride 32, undilated, unless ``output_stride`` 16 or 8 asks
+timm to replace the strides of layer4 (16) or layer3 and layer4 (8) by dilation (Leopart's R50 linear probe
+uses stride 16, ViCE's DeepLabV3+ trunk stride 8). Weights start random (nothing can be downloaded) or come from a
 local checkpoint (``backbone.init``), always loaded with ``weights_only=True``.
 """
 
@@ -43,7 +45,8 @@ class DenseBackbone(nn.Module):
         return out[:, 0], out[:, prefix:], (h, w)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """CNN only: the outputs of the four residual stages (strides 4, 8, 16, 32)."""
+        """CNN only: the outputs of the four residual stages (strides 4, 8, 16, 32; with ``output_stride`` 16 or 8
+        the later stages keep that stride)."""
         m = self.model
         x = m.maxpool(m.act1(m.bn1(m.conv1(x))))
         outs = []
@@ -70,7 +73,10 @@ class DenseBackbone(nn.Module):
 
 
 def _vit(name: str, patch: int, dim: int, depth: int, heads: int, img_size: int) -> Callable:
-    def make(drop_path: float = 0.0) -> DenseBackbone:
+    def make(drop_path: float = 0.0, output_stride: int = 0) -> DenseBackbone:
+        if output_stride not in (0, patch):
+            raise BenchError(f"backbone.output_stride: {name} is a ViT with patch {patch}; its stride is the patch "
+                             f"size (use 0), got {output_stride}")
         model = timm.models.vision_transformer.VisionTransformer(
             img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
             num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path,
@@ -81,9 +87,14 @@ def _vit(name: str, patch: int, dim: int, depth: int, heads: int, img_size: int)
 
 
 def _resnet(name: str, timm_name: str, dim: int) -> Callable:
-    def make(drop_path: float = 0.0) -> DenseBackbone:
-        model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path)
-        return DenseBackbone(model, "cnn", dim, 32, name)
+    def make(drop_path: float = 0.0, output_stride: int = 0) -> DenseBackbone:
+        stride = output_stride or 32
+        if stride not in (8, 16, 32):
+            raise BenchError(f"backbone.output_stride: expected 0 (native 32), 8, 16 or 32 for {name}, "
+                             f"got {output_stride}")
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path,
+                                  output_stride=stride)
+        return DenseBackbone(model, "cnn", dim, stride, name)
 
     return make
 
@@ -163,8 +174,9 @@ def load_init(backbone: DenseBackbone, path: str) -> int:
     return len(clean)
 
 
-def create_backbone(name: str, init: str = "", drop_path: float = 0.0) -> DenseBackbone:
-    backbone = BACKBONES.get(name)(drop_path=drop_path)
+def create_backbone(name: str, init: str = "", drop_path: float = 0.0, output_stride: int = 0) -> DenseBackbone:
+    """``output_stride`` 0: the model's native stride (32 for ResNets, the patch for ViTs)."""
+    backbone = BACKBONES.get(name)(drop_path=drop_path, output_stride=output_stride)
     if init:
         load_init(backbone, init)
     return backbone

@@ -51,6 +51,7 @@ class BackboneConfig:
     name: str = "vit_tiny_d4_p8"
     init: str = ""  # path to a local checkpoint (loaded with weights_only=True); random init otherwise
     drop_path: float = 0.0
+    output_stride: int = 0  # ResNets: 0 = native 32 (undilated layer4), 16 or 8 = dilated (timm output_stride)
 
 
 @dataclass
@@ -58,10 +59,11 @@ class PretrainConfig:
     epochs: int = 3  # × 48 steps of batch 32 on the synthetic default: about 2 CPU minutes per method
     steps_per_epoch: int = 0  # 0: dataset size // global batch
     batch_size: int = 32  # global batch (all workers together)
-    optimizer: str = "adamw"  # adamw | sgd | lars
+    optimizer: str = "adamw"  # adamw | sgd | lars | larc
     lr: float = 5e-4  # peak learning rate for the global batch (the loop does not rescale it)
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.0  # warm-up starts at lr × this (CLoVE's reference: 0.01, i.e. lr/100)
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum: float = 0.9  # for sgd / lars

@@ -31,7 +31,7 @@ def feature_fn(method: str, final_path: str | None, spec: dict, device: torch.de
     bcfg = build(BackboneConfig, spec["backbone"], "backbone")
     if final_path is None:
         torch.manual_seed(spec["seed"])  # the same untrained weights the methods started from
-        model = create_backbone(bcfg.name, bcfg.init, 0.0).to(device).eval()
+        model = create_backbone(bcfg.name, bcfg.init, 0.0, bcfg.output_stride).to(device).eval()
         return model.forward_dense, model
     pcfg = build(PretrainConfig, spec["pretrain"], "pretrain")
     method_obj = load_trained_method(final_path, spec["method_cfg"], bcfg, pcfg, spec["n_pretrain_images"])

@@ -45,12 +45,52 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class LARC(torch.optim.Optimizer):
+    """VISSL's LARC (apex ``LARC``) around SGD with momentum, no Nesterov: ViCE's optimiser (spec §1.6).
+
+    Per parameter tensor, when ‖w‖ and ‖g‖ are positive: ratio = η‖w‖ / (‖g‖ + wd·‖w‖ + eps), with ``clip`` the
+    ratio becomes min(ratio / lr, 1) (VISSL's ViCE configs: ``clip: False``); then g ← (g + wd·w)·ratio and the SGD
+    momentum step. Unlike :class:`LARS`, every tensor (BatchNorm and biases too) gets weight decay and the ratio
+    (``regularize_bn`` / ``regularize_bias: True``). η = 1e-3, eps = 1e-8 as the reference.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, eps: float = 1e-8, clip: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
+                                      clip=clip))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                ratio = group["eta"] * p_norm / (g_norm + p_norm * wd + group["eps"])
+                if group["clip"]:
+                    ratio = torch.clamp(ratio / group["lr"], max=1.0)
+                ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                d_p = p.grad.add(p, alpha=wd).mul(ratio) if wd else p.grad.mul(ratio)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d_p.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(d_p)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
 def build_optimizer(groups: list[dict], cfg: PretrainConfig) -> torch.optim.Optimizer:
+    name = cfg.optimizer.lower()
     for g in groups:
         g.setdefault("apply_wd", True)
+        if name == "larc":  # VISSL regularises BatchNorm and bias parameters too
+            g["apply_wd"] = True
         g["weight_decay"] = cfg.weight_decay if g["apply_wd"] else 0.0
         g["lars_exclude"] = not g["apply_wd"]
-    name = cfg.optimizer.lower()
     if name == "adamw":
         # multi-tensor (foreach) update: the for-loop kernels' results bit for bit, without one op per parameter
         return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
@@ -58,7 +98,9 @@ def build_optimizer(groups: list[dict], cfg: PretrainConfig) -> torch.optim.Opti
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise BenchError(f"pretrain.optimizer: unknown optimiser '{cfg.optimizer}'; valid: adamw, sgd, lars")
+    if name == "larc":
+        return LARC(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise BenchError(f"pretrain.optimizer: unknown optimiser '{cfg.optimizer}'; valid: adamw, sgd, lars, larc")
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:

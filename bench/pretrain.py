@@ -140,7 +140,7 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
     total = schedule.total_steps
     spe = schedule.steps_per_epoch
     warmup = int(pcfg.warmup_epochs * spe)
-    lrs = cosine_schedule(pcfg.lr, pcfg.min_lr, total, warmup)
+    lrs = cosine_schedule(pcfg.lr, pcfg.min_lr, total, warmup, start_warmup=pcfg.lr * pcfg.warmup_start_factor)
     wds = cosine_schedule(pcfg.weight_decay, pcfg.weight_decay_end, total)
 
     # ---- resume: the newest complete checkpoint of this run, if any

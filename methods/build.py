@@ -22,7 +22,7 @@ def build_method(name: str, method_cfg, backbone_cfg: BackboneConfig, schedule: 
                                                                              f"methods.{name}")
 
     def factory():
-        return create_backbone(backbone_cfg.name, backbone_cfg.init, backbone_cfg.drop_path)
+        return create_backbone(backbone_cfg.name, backbone_cfg.init, backbone_cfg.drop_path, backbone_cfg.output_stride)
 
     return cls(cfg, factory, schedule)
 
@@ -38,7 +38,7 @@ def load_trained_method(final_path: str, method_cfg: dict, backbone_cfg: Backbon
     """Rebuild a method from ``final.pt`` for evaluation (CPU, eval mode)."""
     state = ckpt.load_torch(final_path)
     schedule = plan_schedule(pcfg, n_images, 1)
-    bcfg = BackboneConfig(name=backbone_cfg.name, init="", drop_path=0.0)
+    bcfg = BackboneConfig(name=backbone_cfg.name, init="", drop_path=0.0, output_stride=backbone_cfg.output_stride)
     method = build_method(state["method"], method_cfg, bcfg, schedule)
     missing, unexpected = method.load_state_dict(state["method_state"], strict=False)
     if unexpected or [m for m in missing if "backbone" in m]:

@@ -1,29 +1,11 @@
 """DINO (Caron et al., ICCV 2021): self-distillation with no labels, the image-level baseline.
 
-Faithful to ``shared/specs/methods.md`` §0.2: student and EMA teacher (momentum 0.996 → 1 by a cosine per
-iteration), DINOHead (3-layer MLP, L2 norm, weight-normalised last layer with frozen gain), centering
-(momentum 0.9, mean over all workers), teacher temperature warm-up indexed per epoch, multi-crop
-(2 global + local crops), last layer frozen during the first epoch, AdamW with cosine lr / weight decay.
-
-Scaled down for the CPU default (every value is a config field; the reference values are in comments):
-head widths 512/128/1024 (ref 2048/256/65536), 2 local crops (ref 8), 64/32-px crops (ref 224/96),
-teacher momentum 0.99 (ref 0.996; a run of a few hundred steps leaves a 0.996 teacher near its init),
-BatchNorm in the head (ref off; without it the short CPU run collapsed to uniform outputs), lr 1e-3,
-5 epochs of 48 steps.
-
-Two deviations chosen for the CPU default, both config fields (the reference is one ``--set`` away):
-
-* ``embedding=patch_mean`` (ref ``cls``): the head sees the mean of the patch tokens instead of [CLS]. With
-  [CLS], the loss never reaches the last block's patch outputs, the features the dense tasks evaluate; in a few
-  hundred CPU steps they only drift. On the synthetic default (144 steps, lr 1e-3, linseg mIoU, random-init
-  53.60): cls 53.70, patch_mean 55.61.
-* ``jitter_strength=0.25`` (ref 1: brightness/contrast 0.4, saturation 0.2, hue 0.1): the synthetic scenes
-  come in fixed grey tones, so photometric invariance is never tested, and at full strength the jitter makes
-  the two views' targets unpredictable to a random init (the loss stayed at 6.88 of ln 1024 = 6.93). With
-  patch_mean: 57.06 at 0.25 (loss 6.26), 57.01 at 0; 58.30 with 5 epochs at 0.25 (lr 2e-3: 57.08).
-  With cls the weaker jitter alone gave 53.76.
-
-The evaluation backbone is the teacher's, as in the reference.
+Student and EMA teacher (momentum cosine to 1 per iteration), DINOHead (MLP, L2 norm, weight-normalised last layer),
+centring over all workers, teacher-temperature warm-up per epoch, multi-crop (2 global + local crops, the teacher
+sees the globals), last layer frozen during the first epoch (``shared/specs/methods.md`` §0.2). The loss is
+``methods.common.dino_loss.DINOLoss`` (shared with CrOC). The evaluation backbone is the teacher's, as in the
+reference. CPU-default deviations (head widths, crop counts and sizes, ``embedding=patch_mean``, ``jitter_strength``)
+are config fields; why they were chosen, with the measurements, is in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -37,10 +19,11 @@ from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS
 from methods.base import Method, Schedule
+from methods.base import split_decay
+from methods.common.crops import forward_by_resolution
 from methods.common.dino_loss import DINOLoss
-from methods.common.ema import ema_update, make_teacher
 from methods.common.heads import DINOHead
-from methods.common.schedules import momentum_schedule
+from methods.common.teacher import EMASchedule, make_teacher
 
 
 @dataclass
@@ -64,10 +47,14 @@ class DINOConfig:
     n_local: int = 2  # ref 8
     global_scale: tuple = (0.4, 1.0)
     local_scale: tuple = (0.05, 0.4)
-    embedding: str = "patch_mean"  # head input: patch_mean | cls (ref; see the module docstring)
+    embedding: str = "patch_mean"  # head input: patch_mean | cls (ref; see docs/methods.md)
     jitter_strength: float = 0.25  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
+    blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
 
     def validate(self, where: str) -> None:
+        if self.blur_ref_size < 0:
+            raise BenchError(f"{where}.blur_ref_size: expected 0 (σ in pixels) or a positive crop side, "
+                             f"got {self.blur_ref_size}")
         if self.embedding not in ("cls", "patch_mean"):
             raise BenchError(f"{where}.embedding: expected cls or patch_mean, got '{self.embedding}'")
         if self.jitter_strength < 0:
@@ -91,18 +78,8 @@ class DINOPair(nn.Module):
         return self.backbone.forward_tokens(x)[1].mean(dim=1)
 
     def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Crops of equal size are batched together, as in the reference multi-crop wrapper."""
-        outs: list[torch.Tensor] = []
-        i = 0
-        while i < len(crops):
-            j = i
-            while j < len(crops) and crops[j].shape[-1] == crops[i].shape[-1]:
-                j += 1
-            x = torch.cat(crops[i:j])
-            emb = self.head(self.embed(x))
-            outs.extend(emb.chunk(j - i))
-            i = j
-        return outs
+        """V crops (B×3×s_v×s_v) -> V logits B×out_dim; crops of equal size share one forward."""
+        return forward_by_resolution(lambda x: self.head(self.embed(x)), crops)
 
 
 @METHODS.register("dino")
@@ -123,7 +100,7 @@ class DINO(Method):
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.teacher_temp, cfg.warmup_teacher_temp,
                                 cfg.warmup_teacher_temp_epochs, schedule.epochs, cfg.student_temp,
                                 cfg.center_momentum)
-        self.momentum = momentum_schedule(cfg.momentum_teacher, schedule.total_steps)
+        self.ema = EMASchedule(cfg.momentum_teacher, schedule.total_steps)
         # BatchNorm in the head normalises over the batch: SyncBN across workers, as the reference does
         self.sync_bn = cfg.use_bn_in_head
 
@@ -131,7 +108,7 @@ class DINO(Method):
         c = self.cfg
         return MultiCropSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale),
                              n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
-                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength))
+                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength), blur_ref_size=c.blur_ref_size)
 
     def training_step(self, batch: dict, step: int) -> dict:
         views = batch["views"]
@@ -140,8 +117,7 @@ class DINO(Method):
             teacher_out = self.teacher(views[:2])
         student_out = self.student(views)
         loss = self.loss_fn(student_out, teacher_out, epoch)
-        return {"loss": loss, "teacher_temp": self.loss_fn.teacher_temp(epoch),
-                "momentum": float(self.momentum[min(step, len(self.momentum) - 1)])}
+        return {"loss": loss, "teacher_temp": self.loss_fn.teacher_temp(epoch), "momentum": self.ema.momentum(step)}
 
     def on_after_backward(self, step: int) -> None:
         if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
@@ -149,11 +125,9 @@ class DINO(Method):
                 p.grad = None
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
+        self.ema.update(self.teacher, self.student, step)
 
     def param_groups(self) -> list[dict]:
-        from methods.base import split_decay
-
         return split_decay(self.student.named_parameters())
 
     def eval_backbone(self):

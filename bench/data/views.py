@@ -54,7 +54,10 @@ class MultiCropSpec:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: tuple = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
-    blur_sigma: tuple = (0.1, 2.0)  # at 224 px; scaled with the crop side so small crops are not wiped out
+    blur_sigma: tuple = (0.1, 2.0)  # Gaussian blur σ range in pixels of a blur_ref_size-px crop
+    # σ is scaled by crop side / blur_ref_size (224: today's CPU default, so small crops are not wiped out);
+    # 0: σ in the crop's own pixels, as the references (PIL/torchvision blur after the resize)
+    blur_ref_size: int = 224
     solarize_p: tuple = (0.0, 0.2, 0.0)  # global crop 1, global crop 2, local crops
     same_box_for_globals: bool = False  # CrOC-style: both global crops share one box (different photometrics)
 
@@ -83,7 +86,9 @@ class MultiCrop:
         crop = self.gray(self.jitter(crop))
         if blur_p > 0 and torch.rand(()) < blur_p:
             lo, hi = self.spec.blur_sigma
-            sigma = float(torch.empty(()).uniform_(lo, hi)) * size / 224.0
+            sigma = float(torch.empty(()).uniform_(lo, hi))
+            if self.spec.blur_ref_size > 0:
+                sigma = sigma * size / float(self.spec.blur_ref_size)
             if sigma > 0.05:
                 k = max(3, 2 * math.ceil(3 * sigma) + 1)
                 crop = F.gaussian_blur(crop, [k, k], [sigma, sigma])

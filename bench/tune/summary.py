@@ -9,7 +9,7 @@ import re
 from bench import checkpoint as ckpt
 from bench.errors import BenchError
 from bench.tune.constants import BEST_FILE, OBJECTIVE, PROXY, TRIALS_FILE
-from bench.tune.logger import _fmt, _trial_wall
+from bench.tune.logger import _fmt
 from bench.tune.plots import optuna_summary
 
 

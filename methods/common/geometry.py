@@ -30,11 +30,6 @@ def cell_size(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return torch.stack([(boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], dim=-1)
 
 
-def pairwise_center_distance(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """ca B×Na×2, cb B×Nb×2 -> B×Na×Nb Euclidean distances in source pixels."""
-    return torch.cdist(ca.float(), cb.float())
-
-
 def normalized_positions(centers: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Centres B×...×2 divided by the source image size B×2 (H, W) -> coordinates in [0, 1]."""
     hw = sizes.float().to(centers.device)
@@ -47,40 +42,6 @@ def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Intersections of boxes a, b (B×4) as B×4; empty intersections have x1 <= x0 or y1 <= y0."""
     return torch.stack([torch.maximum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1]),
                         torch.minimum(a[:, 2], b[:, 2]), torch.minimum(a[:, 3], b[:, 3])], dim=-1)
-
-
-def relative_center_distance(boxes_q: torch.Tensor, flips_q: torch.Tensor, grid_q: tuple[int, int],
-                             boxes_k: torch.Tensor, flips_k: torch.Tensor, grid_k: tuple[int, int],
-                             sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """PixPro's cell distance: ‖c_p − c_q‖ / max(diag_q, diag_k), as B×Nq×Nk (N = h·w, row-major cells).
-
-    ``c`` are the feature-cell centres of each view in the source image (flips mirror them) and ``diag`` is
-    the diagonal of one cell of that view, so the threshold is relative to the coarser of the two grids.
-    With ``sizes`` (B×2, (H, W)) coordinates are first divided by the image width/height, as the PixPro/CLoVE
-    code does with its normalised boxes (it divides by W−1 and H−1); this only matters for non-square images.
-    Without it, the distance is measured in source pixels.
-    """
-    cq = cell_centers(boxes_q, flips_q, grid_q).flatten(1, 2)  # B×Nq×2
-    ck = cell_centers(boxes_k, flips_k, grid_k).flatten(1, 2)  # B×Nk×2
-    sq, sk = cell_size(boxes_q.float(), grid_q), cell_size(boxes_k.float(), grid_k)  # B×2 (w, h)
-    if sizes is not None:
-        cq, ck = normalized_positions(cq, sizes), normalized_positions(ck, sizes)
-        sq, sk = normalized_positions(sq, sizes), normalized_positions(sk, sizes)
-    diag = torch.maximum(sq.norm(dim=-1), sk.norm(dim=-1))  # B
-    # explicit differences, not cdist: cdist's matmul path loses precision near zero distance
-    dist = (cq[:, :, None, :] - ck[:, None, :, :]).norm(dim=-1)
-    return dist / diag[:, None, None]
-
-
-def pixpro_positive_mask(boxes_q: torch.Tensor, flips_q: torch.Tensor, grid_q: tuple[int, int],
-                         boxes_k: torch.Tensor, flips_k: torch.Tensor, grid_k: tuple[int, int],
-                         t_pos: float = 0.7, sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """B×Nq×Nk bool: query cell p and key cell q are positives when their centres are closer than ``t_pos``
-    times the larger cell diagonal of the two views (PixPro / CLoVE rule, ``pos_ratio`` 0.7).
-
-    With T_pos = 0.7 < 1/√2, two views with the same box and grid match cell-to-cell only (identity mask).
-    """
-    return relative_center_distance(boxes_q, flips_q, grid_q, boxes_k, flips_k, grid_k, sizes) < t_pos
 
 
 def boxes_in_crop(region: torch.Tensor, crop_boxes: torch.Tensor, crop_size: tuple[int, int],

@@ -12,16 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.common.dist import is_dist
-
-
-def all_reduce_sum_autograd(t: torch.Tensor) -> torch.Tensor:
-    """Sum over workers whose backward sums the gradients over workers too (identity in one process)."""
-    if not is_dist():
-        return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t)
+from methods.common.dist import all_reduce_sum_grad, is_dist
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -31,12 +22,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and is_dist()):
             return super().forward(x)
         c = x.shape[1]
-        count = all_reduce_sum_autograd(torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32))
+        count = all_reduce_sum_grad(torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32))
         xf = x.float()
-        mean = all_reduce_sum_autograd(xf.sum(dim=(0, 2, 3))) / count  # C
+        mean = all_reduce_sum_grad(xf.sum(dim=(0, 2, 3))) / count  # C
         # two passes (mean, then centred squares) for the same precision as a single-process BN
         centred = xf - mean.view(1, c, 1, 1)
-        var = all_reduce_sum_autograd(centred.pow(2).sum(dim=(0, 2, 3))) / count  # biased, C
+        var = all_reduce_sum_grad(centred.pow(2).sum(dim=(0, 2, 3))) / count  # biased, C
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -70,34 +70,3 @@ class DINOHead(nn.Module):
         """Both output layers (CrOC freezes every module named last_layer* during the first epoch)."""
         extra = list(self.last_layer_c.parameters()) if self.last_layer_c is not None else []
         return list(self.last_layer.parameters()) + extra
-
-
-class MLPHead(nn.Module):
-    """Linear → BN → ReLU → Linear projector/predictor (BYOL / PixPro style). ``*×in`` -> ``*×out``."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 4096, norm: str = "bn"):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.norm = nn.BatchNorm1d(hidden_dim) if norm == "bn" else nn.LayerNorm(hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        x = self.fc2(F.relu(self.norm(self.fc1(x))))
-        return x.reshape(*shape[:-1], -1)
-
-
-class MLP2d(nn.Module):
-    """PixPro / CLoVE dense projector on a feature map: Conv1×1(in→hidden, no bias) → BN → ReLU →
-    Conv1×1(hidden→out, no bias) → BN(out, affine=False). B×in×h×w -> B×out×h×w (PyTorch default init)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
-        super().__init__()
-        self.linear1 = nn.Conv2d(in_dim, hidden_dim, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden_dim)
-        self.linear2 = nn.Conv2d(hidden_dim, out_dim, kernel_size=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_dim, affine=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.linear2(F.relu(self.bn1(self.linear1(x)))))

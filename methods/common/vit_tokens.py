@@ -1,7 +1,7 @@
 """Per-head queries / keys / values of a timm ViT's last block, taken in the same forward pass as its tokens.
 
-CrOC (methods.md §3.1) clusters on the last block's per-head **keys**: the key projection of ``norm1(x)`` inside
-the last block, split into heads. A forward hook on ``blocks[-1].attn.qkv`` captures that projection while
+CrOC (methods.md §3.1) clusters on the last block's per-head **keys**; Leopart's foreground mask is the last
+block's [CLS] attention. A forward hook on ``blocks[-1].attn.qkv`` captures that projection of ``norm1(x)`` while
 ``forward_features`` runs, so no block is computed twice.
 """
 
@@ -34,8 +34,29 @@ def tokens_and_head_features(backbone: DenseBackbone, x: torch.Tensor, which: st
     """
     if which not in _WHICH:
         raise BenchError(f"methods.croc.which_features: expected one of q, k, v, got {which!r}")
+    tokens, qkv, attn = _tokens_and_qkv(backbone, x)
+    feats = qkv[_WHICH[which]]  # B×h×T×d
+    if which == "q":
+        feats = attn.q_norm(feats)
+    elif which == "k":
+        feats = attn.k_norm(feats)
+    return tokens, feats
+
+
+def tokens_and_cls_attention(backbone: DenseBackbone, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x B×3×H×W -> (tokens B×T×C after the final norm, the last block's [CLS] attention over the patch tokens
+    B×h×N): softmax over all T keys of q_[CLS]·k·scale, then the patch columns (prefix tokens dropped)."""
+    tokens, qkv, attn = _tokens_and_qkv(backbone, x)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    a = torch.softmax((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1), dim=-1)  # B×h×1×T
+    prefix = getattr(backbone.model, "num_prefix_tokens", 1)
+    return tokens, a[:, :, 0, prefix:]
+
+
+def _tokens_and_qkv(backbone: DenseBackbone, x: torch.Tensor):
+    """(tokens B×T×C, qkv 3×B×h×T×d of the last block, its attention module)."""
     if not backbone.is_vit:
-        raise BenchError(f"backbone {backbone.name}: CrOC needs a ViT backbone (it clusters attention keys)")
+        raise BenchError(f"backbone {backbone.name}: expected a ViT backbone (attention keys / [CLS] attention)")
     attn = last_block_attention(backbone.model)
     captured: list[torch.Tensor] = []
     handle = attn.qkv.register_forward_hook(lambda _m, _inp, out: captured.append(out))
@@ -45,10 +66,4 @@ def tokens_and_head_features(backbone: DenseBackbone, x: torch.Tensor, which: st
         handle.remove()
     qkv = captured[-1]  # B×T×3·h·d
     b, t, _ = qkv.shape
-    h = attn.num_heads
-    feats = qkv.reshape(b, t, 3, h, -1).permute(2, 0, 3, 1, 4)[_WHICH[which]]  # B×h×T×d
-    if which == "q":
-        feats = attn.q_norm(feats)
-    elif which == "k":
-        feats = attn.k_norm(feats)
-    return tokens, feats
+    return tokens, qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4), attn

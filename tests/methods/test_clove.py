@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from bench.errors import BenchError
-from methods.common.geometry import pixpro_positive_mask, relative_center_distance
+from methods.clove.loss import pixpro_positive_mask, relative_center_distance
 
 
 def _one(*box):
@@ -222,7 +222,7 @@ def test_loss_magnitude_matches_the_reference_on_its_example_settings():
 # ----------------------------------------------------------------------------------- model parts
 
 def test_nmhsa_equals_torch_multihead_attention_then_l2_norm():
-    from methods.common.attention import NormalizedMHSA
+    from methods.clove.attention import NormalizedMHSA
 
     torch.manual_seed(0)
     blk = NormalizedMHSA(32, heads=8)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from methods.common.dino_loss import DINOLoss
-from methods.common.ema import ema_update, make_teacher
+from methods.common.teacher import ema_update, make_teacher
 from methods.common.heads import DINOHead
 from methods.common.schedules import cosine_schedule, linear_warmup_constant, momentum_schedule
 

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from bench.config import BackboneConfig
-from bench.data.superpixels import (SuperpixelViews, SuperpixelViewSpec, crop_padded, grid_labels,
+from methods.vice.views import (SuperpixelViews, SuperpixelViewSpec, crop_padded, grid_labels,
                                     keep_common_ids, slic_labels)
 from bench.errors import BenchError
 from methods.build import build_method
 from methods.base import Schedule
 from methods.common.geometry import cell_centers
-from methods.common.regions import align_regions, downsample_labels, segment_argmax, segment_mean
+from methods.vice.regions import align_regions, downsample_labels, segment_argmax, segment_mean
 
 
 def _vice(**cfg):
@@ -60,7 +60,7 @@ def test_representative_pooling_and_coherence_by_hand():
                       [[0.8, 0.6], [2.4, 1.8], [0.0, -1.0]]])  # h×w×D
     feat = z.permute(2, 0, 1)[None]  # 1×2×2×3
     labels = torch.tensor([[[0, 0, 1], [2, 2, 1]]])
-    out = m.pool_views([feat], [labels])
+    out = m.loss_fn.pool([feat], [labels], m.prototypes.weight)
     # representatives: the pixel with the highest max-prototype score
     assert torch.allclose(out["sigma"][0], torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]))
     assert torch.allclose(out["emb"], torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]))
@@ -69,7 +69,7 @@ def test_representative_pooling_and_coherence_by_hand():
     assert out["coh_pairs"] == 1 and abs(float(out["coh_sum"]) - expect) < 1e-5
     # the swap gradient reaches the representative pixel only
     feat = feat.clone().requires_grad_(True)
-    m.pool_views([feat], [labels])["sigma"][0].sum().backward()
+    m.loss_fn.pool([feat], [labels], m.prototypes.weight)["sigma"][0].sum().backward()
     touched = feat.grad.abs().sum(dim=1)[0] > 0
     assert touched.tolist() == [[True, False, True], [True, False, False]]
 
@@ -79,7 +79,7 @@ def test_mean_pooling_drops_id_zero_and_normalises_the_region_mean():
     with torch.no_grad():
         m.prototypes.weight.copy_(torch.eye(2))
     z = torch.tensor([[[1.0, 0.0], [3.0, 4.0]], [[0.0, 2.0], [0.0, 2.0]]])
-    out = m.pool_views([z.permute(2, 0, 1)[None]], [torch.tensor([[[0, 1], [2, 2]]])])
+    out = m.loss_fn.pool([z.permute(2, 0, 1)[None]], [torch.tensor([[[0, 1], [2, 2]]])], m.prototypes.weight)
     assert torch.allclose(out["sigma"][0], torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert out["coh_pairs"] == 0
 
@@ -92,13 +92,13 @@ def test_swap_loss_by_hand():
     lse = math.log(1 + math.exp(-10))
     row0, row1 = 0.7 * lse + 0.3 * (10 + lse), 0.4 * (10 + lse) + 0.6 * lse
     present = torch.ones(2, 2, dtype=torch.bool)
-    loss, _ = m.swap_loss(sigma, present, codes)
+    loss, _ = m.loss_fn.swap(sigma, present, codes)
     assert abs(float(loss) - (row0 + row1) / 2) < 1e-5
     present[1, 1] = False  # a region missing from view 1 is left out of that view's mean
-    loss, _ = m.swap_loss(sigma, present, codes)
+    loss, _ = m.loss_fn.swap(sigma, present, codes)
     assert abs(float(loss) - row0) < 1e-5
     # V = 3: the mean over views 1 and 2
-    loss, _ = m.swap_loss(torch.cat([sigma, sigma[1:]]), torch.ones(3, 2, dtype=torch.bool), codes)
+    loss, _ = m.loss_fn.swap(torch.cat([sigma, sigma[1:]]), torch.ones(3, 2, dtype=torch.bool), codes)
     assert abs(float(loss) - (row0 + row1) / 2) < 1e-5
 
 

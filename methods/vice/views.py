@@ -1,4 +1,4 @@
-"""ViCE's view recipe: contextual square views around an edge-sampled centre, with SLIC superpixel maps.
+"""ViCE's view recipe ``superpixel_views``: contextual square views around an edge-sampled centre, with SLIC superpixel maps.
 
 Faithful to ``shared/specs/methods.md`` §1.2 (VISSL ``DenseSSLDataset``), step by step:
 
@@ -31,8 +31,8 @@ Returns per sample (collated by ``collate_views`` into lists over views of batch
     flips        V bool
     size         2 long (H, W) of the standardised image
 
-Deviations (all configurable): the blur σ is scaled by ``view_size / blur_ref_size`` (ref 400) so that small CPU
-views are not wiped out; ``cv2.dilate`` uses a 3×3 kernel of ones (the reference passes the tuple (3, 3) as the
+Deviations (all configurable): the blur σ is scaled by ``view_size / blur_ref_size`` (CPU default 400, so that
+small CPU views are not wiped out; 0 or a 400-px view gives the reference's pixel units); ``cv2.dilate`` uses a 3×3 kernel of ones (the reference passes the tuple (3, 3) as the
 kernel). Randomness comes from the torch RNG (the harness seeds it per sample), so runs are reproducible.
 """
 
@@ -80,7 +80,7 @@ class SuperpixelViewSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple = (0.1, 2.0)
-    blur_ref_size: int = 400  # σ is scaled by view_size / blur_ref_size
+    blur_ref_size: int = 400  # σ is scaled by view_size / blur_ref_size; 0: σ in pixels (the reference)
     noise_range: tuple = (-1.0, 1.0)
     max_tries: int = 10
 
@@ -288,7 +288,9 @@ class SuperpixelViews:
         crop = self.gray(self.jitter(crop))
         if spec.blur_p > 0 and torch.rand(()) < spec.blur_p:
             lo, hi = spec.blur_sigma
-            sigma = float(torch.empty(()).uniform_(lo, hi)) * spec.view_size / spec.blur_ref_size
+            sigma = float(torch.empty(()).uniform_(lo, hi))
+            if spec.blur_ref_size > 0:
+                sigma = sigma * spec.view_size / spec.blur_ref_size
             if sigma > 0.05:
                 k = max(3, 2 * math.ceil(3 * sigma) + 1)
                 crop = F.gaussian_blur(crop, [k, k], [sigma, sigma])

@@ -1,51 +1,14 @@
 """CrOC (Stegmüller, Lebailly et al., CVPR 2023): cross-view online clustering for dense visual representations.
 
-Faithful to ``shared/specs/methods.md`` §3 (the authors' code, ``stegmuel/CrOC`` ``main_croc.py``):
-
-* ViT student and EMA teacher (momentum cosine → 1 per iteration), one head with a shared DINO MLP and two
-  weight-normalised output layers: ``last_layer`` for [CLS] and ``last_layer_c`` for centroids
-  (``methods/common/heads.py`` ``DINOHead(out_dim_c=…)``).
-* Two views, each its own RandomResizedCrop (scale (0.25, 1)) + flip; view 1 blur p 1.0, view 2 blur p 0.1 and
-  solarise p 0.2; the teacher and the student see the **same** two tensors (the student differs only by its
-  weights and drop-path).
-* Teacher clustering per (image, head) over the joint tokens of both views on the last block's per-head keys,
-  with positions in original-image pixels (patch centres from each view's box and flip: the reference averages
-  a per-pixel position map over each patch, which for an axis-aligned crop is the patch centre):
-  ``methods/common/clustering.py``. Defaults: 5 seeds, K* ∈ {2, 3, 4} by lowest transport cost,
-  λ_pos = 4, Sinkhorn λ = 20 with 5 iterations, marginal temperatures 2 and 2.
-* Losses: DINO on [CLS] (cross-view pairs only, centring 0.9, teacher temperature per epoch) plus α_s × the same
-  loss on matched centroid pairs through ``last_layer_c`` with its own centre; both are
-  ``methods/common/dino_loss.py`` ``DINOLoss`` (shared with ``dino``).
-* AdamW, cosine lr and weight decay 0.04 → 0.4, per-tensor gradient clipping at 3.0, and the gradients of both
-  ``last_layer`` and ``last_layer_c`` discarded during the first ``freeze_last_layer`` epochs.
-
-Shapes for one step (B images, h heads, N = (s/patch)² tokens per view, C width, d = C/h, P = B·h problems):
-views 2×(B×3×s×s) -> teacher tokens 2B×(1+N)×C and keys 2B×h×(1+N)×d -> problems P×2×N×d with positions
-P×2×N×2 -> weights P×2×N×4 -> centroids n_valid×C per view (each image contributes up to h·K* pairs) ->
-centroid logits 2·n_valid×out_dim_c.
-
-Deviations (each also noted where it happens):
-
-* CPU scale: 64-px views on the harness's tiny ViT (patch 8, 3 heads: 8×8 tokens per view; ref 224 px, ViT-S/16,
-  6 heads), head widths 512/128 with out_dim 1024 and out_dim_c 256 (ref 2048/256, 65536 and 8192), teacher
-  momentum 0.99 (ref 0.996, which leaves a few-hundred-step teacher near its initialisation), lr 5e-4 for batch 32
-  with one warm-up epoch (ref 0.0005·B/256 with 10 of 300 epochs), 4 epochs of 48 steps by default (a CrOC step
-  costs about 0.95 of a default DINO step, so this is ~2 minutes on 2 idle cores; ref 300 epochs), fp32 on CPU
-  (ref fp16).
-* Colour jitter at a quarter of the reference strength (``jitter_strength=0.25``; ref 1: brightness/contrast 0.4,
-  saturation 0.2, hue 0.1). The synthetic default's scenes come in fixed grey tones, so the evaluation never
-  tests photometric invariance, while full-strength jitter hides the views' correspondence from a random init.
-  linseg mIoU after the default 4 epochs: 55.95 at 1, 57.38 at 0.25 (random-init 53.60).
-* The student's drop-path is the harness's ``backbone.drop_path`` (default 0; ref 0.1); the teacher is kept in
-  eval mode so it never drops paths, as in the reference where it is built without drop-path.
-* Seeds are drawn with Gumbel top-k from per-sample noise seeded by (run, step, sample index) rather than
-  ``torch.multinomial`` on the global generator: the same distribution, but reproducible on resume and
-  independent of how the batch is split over workers.
-* Data parallel only (one process is the reference): the cost's min–max normalisation, the mean [CLS] norm
-  (differentiably) and the centroid loss's normalisation use all-reduced statistics (global min/max, global mean
-  norm, global number of valid centroids), so W workers compute the loss and gradient one process computes on
-  the global batch; the reference uses per-GPU values.
-* Edge cases the reference crashes on (no valid centroid in the batch, B·h = 1) give a zero centroid loss here.
+The authors' code (``stegmuel/CrOC`` ``main_croc.py``; ``shared/specs/methods.md`` §3). A ViT student and EMA
+teacher share one DINO head with two output layers ([CLS] and centroids). The teacher clusters the joint tokens of
+both views per (image, head) on its last block's keys, with positions in source-image pixels (``clustering.py``);
+the same assignments pool the teacher's and the student's last-layer tokens into centroids, and :class:`CrOCLoss`
+(``loss.py``) is DINO's loss on [CLS] plus α_s × DINO's loss on matched centroids. The teacher is deterministic
+(no drop-path). Shapes for one step (B images, h heads, N = (s/patch)² tokens per view, P = B·h problems): views
+2×(B×3×s×s) -> teacher tokens 2B×(1+N)×C and keys 2B×h×(1+N)×d -> problems P×2×N×d with positions P×2×N×2 ->
+weights P×2×N×K -> centroids n_valid×C per view -> centroid logits 2·n_valid×out_dim_c. CPU-default deviations,
+distributed and edge-case choices: ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -59,21 +22,13 @@ from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
-from methods.common.clustering import cluster_views, global_mean, view_centroids
-from methods.common.dino_loss import DINOLoss
-from methods.common.dist import all_reduce_sum, world_size
-from methods.common.ema import ema_update, make_teacher
+from methods.common.dist import global_count, global_mean
 from methods.common.geometry import cell_centers
 from methods.common.heads import DINOHead
-from methods.common.schedules import momentum_schedule
+from methods.common.teacher import EMASchedule, make_teacher
 from methods.common.vit_tokens import last_block_attention, tokens_and_head_features
-
-
-@torch.no_grad()
-def _target_entropy(loss_fn: DINOLoss, teacher_logits: torch.Tensor, epoch: int) -> float:
-    """Mean entropy of the centred, sharpened teacher targets (a collapse diagnostic)."""
-    q = torch.softmax((teacher_logits.float() - loss_fn.center) / loss_fn.teacher_temp(epoch), dim=-1)
-    return float(-(q * torch.log(q.clamp_min(1e-12))).sum(dim=-1).mean())
+from methods.croc.clustering import ClusterResult, cluster_views, view_centroids
+from methods.croc.loss import CrOCLoss
 
 
 @dataclass
@@ -113,8 +68,12 @@ class CrOCConfig:
     global_size: int = 64
     global_scale: tuple = (0.25, 1.0)
     jitter_strength: float = 0.25  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
+    blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
 
     def validate(self, where: str) -> None:
+        if self.blur_ref_size < 0:
+            raise BenchError(f"{where}.blur_ref_size: expected 0 (σ in pixels) or a positive crop side, "
+                             f"got {self.blur_ref_size}")
         positive = ("out_dim", "out_dim_c", "hidden_dim", "bottleneck_dim", "teacher_temp", "warmup_teacher_temp",
                     "student_temp", "teacher_temp_c", "warmup_teacher_temp_c", "student_temp_c", "sinkhorn_lambda",
                     "sinkhorn_iterations", "marginals_temp_r", "marginals_temp_c", "global_size")
@@ -147,6 +106,14 @@ class CrOCPair(nn.Module):
         self.head = head
 
 
+def _rename_loss_centres(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the loss became one module keep their centres as ``loss_image.center`` and
+    ``loss_object.center``; they load into ``loss_fn.image`` / ``loss_fn.object``."""
+    for old, new in (("loss_image.", "loss_fn.image."), ("loss_object.", "loss_fn.object.")):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
 @METHODS.register("croc")
 class CrOC(Method):
     config_class = CrOCConfig
@@ -163,28 +130,18 @@ class CrOC(Method):
                         use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer, out_dim_c=cfg.out_dim_c)
         self.student = CrOCPair(backbone, head)
         self.teacher = make_teacher(self.student)
-        self.teacher.eval()
-        self.loss_image = DINOLoss(cfg.out_dim, cfg.teacher_temp, cfg.warmup_teacher_temp,
-                                   cfg.warmup_teacher_temp_epochs, schedule.epochs, cfg.student_temp,
-                                   cfg.center_momentum)
-        self.loss_object = DINOLoss(cfg.out_dim_c, cfg.teacher_temp_c, cfg.warmup_teacher_temp_c,
-                                    cfg.warmup_teacher_temp_epochs, schedule.epochs, cfg.student_temp_c,
-                                    cfg.center_momentum_c)
-        self.momentum = momentum_schedule(cfg.momentum_teacher, schedule.total_steps)
+        self.loss_fn = CrOCLoss(cfg, schedule.epochs)
+        self._register_load_state_dict_pre_hook(_rename_loss_centres)
+        self.ema = EMASchedule(cfg.momentum_teacher, schedule.total_steps)
         # Drawn from the global generator, which the loop seeds identically on every worker before building.
         self.noise_seed = int(torch.randint(0, 2**31 - 1, ()))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the reference teacher has no drop-path
-        return self
 
     def view_spec(self) -> MultiCropSpec:
         c = self.cfg
         # Two independent crops (the reference calls its spatial transform twice), no local crops.
         return MultiCropSpec(n_global=2, global_size=c.global_size, global_scale=tuple(c.global_scale), n_local=0,
                              blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0), same_box_for_globals=False,
-                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength))
+                             jitter=scaled_jitter(BYOL_JITTER, c.jitter_strength), blur_ref_size=c.blur_ref_size)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _positions(self, batch: dict, grid: tuple[int, int], device) -> torch.Tensor:
@@ -203,17 +160,15 @@ class CrOC(Method):
             rows.append(torch.rand(self.n_heads, n_joint, generator=g))
         return torch.cat(rows).to(device)
 
-    # ------------------------------------------------------------------------------------------ training
-    def training_step(self, batch: dict, step: int) -> dict:
+    @torch.no_grad()
+    def cluster(self, batch: dict, step: int, x: torch.Tensor) -> tuple[torch.Tensor, ClusterResult, tuple, tuple]:
+        """The teacher's side: (its [CLS] logits 2B×out_dim, clusters, its centroids per view, token layout).
+
+        x is 2B×3×s×s (view 1 then view 2); the layout is (prefix tokens, N patch tokens per view)."""
         c = self.cfg
-        v1, v2 = batch["views"][:2]
-        bsz = v1.shape[0]
-        x = torch.cat([v1, v2])
-        epoch = step // max(self.schedule.steps_per_epoch, 1)
-        h = self.n_heads
-        with torch.no_grad():
-            t_tokens, t_feats = tokens_and_head_features(self.teacher.backbone, x, c.which_features)
-            t_logits = self.teacher.head(t_tokens[:, 0])
+        bsz, h = x.shape[0] // 2, self.n_heads
+        t_tokens, t_feats = tokens_and_head_features(self.teacher.backbone, x, c.which_features)
+        t_logits = self.teacher.head(t_tokens[:, 0])
         prefix = getattr(self.teacher.backbone.model, "num_prefix_tokens", 1)  # [CLS] is token 0
         n = t_tokens.shape[1] - prefix
         stride = self.teacher.backbone.stride
@@ -221,8 +176,7 @@ class CrOC(Method):
         if grid[0] * grid[1] != n:
             raise BenchError(f"methods.croc.global_size: {x.shape[-1]} px does not give a whole patch grid "
                              f"(patch {stride}); use a multiple of {stride}")
-
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             # (2B)×h×T×d -> P×2×N×d with problem p = image·h + head
             feats = t_feats.float().view(2, bsz, h, *t_feats.shape[2:]).permute(1, 2, 0, 3, 4)
             feats = feats.reshape(bsz * h, 2, *t_feats.shape[2:])
@@ -235,42 +189,34 @@ class CrOC(Method):
                 uniform_marginals=c.uniform_marginals)
             t_patches = t_tokens[:, prefix:].float().view(2, bsz, n, -1)
             t_scale = global_mean(t_tokens[:, 0].float().norm(dim=-1))
-            t_c1, t_c2 = view_centroids(t_patches, clusters.weights, clusters.valid, t_scale)
+            t_cents = view_centroids(t_patches, clusters.weights, clusters.valid, t_scale)
+        return t_logits, clusters, t_cents, (prefix, n)
 
+    def object_logits(self, s_tokens: torch.Tensor, clusters: ClusterResult, t_cents: tuple, layout: tuple
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student / teacher centroid logits 2n×out_dim_c: the teacher's assignments pool the student's tokens;
+        gradients flow through them and through the student's mean [CLS] norm."""
+        prefix, n = layout
+        bsz = s_tokens.shape[0] // 2
+        s_scale = global_mean(s_tokens[:, 0].norm(dim=-1))
+        s_c1, s_c2 = view_centroids(s_tokens[:, prefix:].reshape(2, bsz, n, -1), clusters.weights, clusters.valid,
+                                    s_scale)
+        with torch.no_grad():
+            t_out = self.teacher.head.forward_c(torch.cat(list(t_cents)))
+        return self.student.head.forward_c(torch.cat([s_c1, s_c2])), t_out
+
+    def training_step(self, batch: dict, step: int) -> dict:
+        x = torch.cat(batch["views"][:2])
+        epoch = step // max(self.schedule.steps_per_epoch, 1)
+        t_logits, clusters, t_cents, layout = self.cluster(batch, step, x)
         s_tokens = self.student.backbone.model.forward_features(x)
         s_logits = self.student.head(s_tokens[:, 0])
-        entropy_image = _target_entropy(self.loss_image, t_logits, epoch)  # before the loss moves the centre
-        loss_image = self.loss_image(list(s_logits.chunk(2)), list(t_logits.chunk(2)), epoch)
-
-        # Object level: the teacher's assignments applied to the student's tokens; gradients flow through them
-        # and through the student's mean [CLS] norm.
-        n_local = t_c1.shape[0]
-        n_global = int(all_reduce_sum(torch.tensor([float(n_local)], device=x.device)).item())
-        loss_object = s_logits.new_zeros(())
-        entropy_object = float("nan")
-        if n_global > 0:
-            s_scale = global_mean(s_tokens[:, 0].norm(dim=-1))
-            s_c1, s_c2 = view_centroids(s_tokens[:, prefix:].reshape(2, bsz, n, -1), clusters.weights,
-                                        clusters.valid, s_scale)
-            with torch.no_grad():
-                t_out = self.teacher.head.forward_c(torch.cat([t_c1, t_c2]))
-            s_out = self.student.head.forward_c(torch.cat([s_c1, s_c2]))
-            if n_local > 0:
-                entropy_object = _target_entropy(self.loss_object, t_out, epoch)
-                # the mean over this worker's pairs, rescaled so the workers' average is the mean over all pairs
-                share = n_local * world_size() / n_global
-                loss_object = self.loss_object(list(s_out.chunk(2)), list(t_out.chunk(2)), epoch) * share
-            else:
-                if self.training:
-                    self.loss_object.update_center(t_out)  # joins the other workers' all-reduce
-                loss_object = s_out.sum() * 0.0
-        loss = loss_image + c.alpha_s * loss_object
-        return {"loss": loss, "loss_image": float(loss_image.detach()), "loss_object": float(loss_object.detach()),
-                "clusters": float(clusters.n_clusters.float().mean()), "valid_per_image": n_local / bsz,
-                # the reference logs these too: targets near log(out_dim) mean a collapse to uniform
-                "entropy_image": entropy_image, "entropy_object": entropy_object,
-                "teacher_temp": self.loss_image.teacher_temp(epoch),
-                "momentum": float(self.momentum[min(step, len(self.momentum) - 1)])}
+        n_local = t_cents[0].shape[0]
+        n_global = int(global_count(n_local, x.device))
+        objects = self.object_logits(s_tokens, clusters, t_cents, layout) if n_global > 0 else None
+        loss, logs = self.loss_fn(s_logits, t_logits, objects, n_local, n_global, epoch)
+        return {"loss": loss, **logs, "clusters": float(clusters.n_clusters.float().mean()),
+                "valid_per_image": n_local / (x.shape[0] // 2), "momentum": self.ema.momentum(step)}
 
     def on_after_backward(self, step: int) -> None:
         if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
@@ -278,7 +224,7 @@ class CrOC(Method):
                 p.grad = None
 
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, float(self.momentum[min(step, len(self.momentum) - 1)]))
+        self.ema.update(self.teacher, self.student, step)
 
     def param_groups(self) -> list[dict]:
         return split_decay(self.student.named_parameters())
