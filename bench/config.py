@@ -287,7 +287,27 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise BenchError(f"--config {path}: expected a mapping of sections (run, pretrain, methods, ...)")
-    return data
+    return expand_dotted(data, f"--config {path}")
+
+
+def expand_dotted(data: dict, where: str) -> dict:
+    """``{"pretrain.lr": 1e-3, "run": {...}}`` -> nested sections (``--print-config`` output reads back)."""
+    out: dict = {}
+    for key, value in data.items():
+        parts = str(key).split(".")
+        if any(not p for p in parts):
+            raise BenchError(f"{where}: malformed key '{key}'")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise BenchError(f"{where}: '{key}' is set both as a value and as a section")
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = deep_merge(node[leaf], value)
+        else:
+            node[leaf] = value
+    return out
 
 
 def parse_set(items: list[str]) -> dict:

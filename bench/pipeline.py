@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from bench import checkpoint as ckpt
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
-from bench.leaderboard import BASELINE, Row, export, render
+from bench.leaderboard import BASELINE, Row, export, render, row_recipe
 from bench.registry import DATASETS, TASKS
 from bench.tracking import Tracker, git_commit
 
@@ -41,7 +41,7 @@ def eval_spec(cfg: BenchConfig, method: str | None, n_pretrain: int) -> dict:
     """What ``bench.evaluate.evaluate_method`` needs (plain data); ``method=None`` for the untrained baseline."""
     c = cfg
     spec = {
-        "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
+        "backbone": to_dict(c.backbone_for(method) if method else c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
         "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
         "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": n_pretrain,
     }
@@ -56,7 +56,7 @@ def loop_config(cfg: BenchConfig, method: str, pcfg, out_dir: str, cpus: int) ->
     """``bench.pretrain.train_loop``'s ``loop_config`` for one method (also used by ``bench tune`` trials)."""
     c = cfg
     loop_cfg = {"method": method, "method_cfg": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                "backbone": to_dict(c.backbone), "dataset": c.run.pretrain_dataset(),
+                "backbone": to_dict(c.backbone_for(method)), "dataset": c.run.pretrain_dataset(),
                 "dataset_cfg": to_dict(c.data[c.run.pretrain_dataset()]), "seed": c.run.seed, "out_dir": out_dir}
     loop_cfg["pretrain"]["cpus_per_worker"] = cpus
     return loop_cfg
@@ -105,6 +105,11 @@ class Pipeline:
         tags = {"bench.run_id": self.run_id, "dataset": c.run.eval_dataset(), "pretrain_dataset": c.run.pretrain_dataset(),
                 "backbone": c.backbone.name, "git_commit": git_commit(), "config_hash": c.hash()}
         tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI's run page
+        from bench import recipe_tools
+
+        tags.update(recipe_tools.tags(c, extra.get("method")))
+        if extra.get("method") in c.recipes:
+            tags["backbone"] = c.backbone_for(extra["method"]).name
         tags.update(extra)
         return tags
 
@@ -132,6 +137,9 @@ class Pipeline:
         self._check_data()
         self.parent, _ = self._run("parent", self.run_id, self._tags(**{"bench.kind": "run"}), None)
         self.tracker.log_params(self.parent, c.as_dict())
+        from bench import recipe_tools
+
+        self.tracker.client.log_dict(self.parent, recipe_tools.run_record(c), "recipe_diff.json")
         self.timings.add("setup", time.perf_counter() - t0)
         self.console.print(f"[bold]bench run[/bold] {self.run_id}: methods {', '.join(c.run.methods)} · tasks "
                            f"{', '.join(c.run.tasks)} · data {c.run.pretrain_dataset()} → {c.run.eval_dataset()} · "
@@ -176,7 +184,10 @@ class Pipeline:
             self.console.print(f"  {method}: pretraining already finished in run {self.run_id}, skipped")
             return
         self.tracker.log_params(rid, {"method": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                                      "backbone": to_dict(c.backbone)})
+                                      "backbone": to_dict(c.backbone_for(method))})
+        from bench import recipe_tools
+
+        self.tracker.client.log_dict(rid, recipe_tools.record(c, method), "recipe_diff.json")
         t = time.perf_counter()
         if os.path.exists(final):  # trained by an interrupted attempt that had not yet logged it
             self.console.print(f"  {method}: pretraining already finished in run {self.run_id} "
@@ -289,6 +300,8 @@ class Pipeline:
             rid, done = self._run(f"eval/{method}/{task}", f"eval-{method}-{task}", tags, self.parent)
             if not done:
                 self.tracker.log_params(rid, {"task": to_dict(c.tasks[task])})
+                self.tracker.client.log_dict(rid, {"recipe": tags["recipe"], "recipe_hash": tags["recipe_hash"],
+                                                   "recipe_changes": tags["recipe_changes"]}, "recipe.json")
                 self.tracker.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items()
                                                if isinstance(v, (int, float))})
                 # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
@@ -304,7 +317,8 @@ class Pipeline:
                     self.tracker.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
                 self.tracker.finish(rid)
             rows.append(Row(method=method, task=task, metrics=res["metrics"], primary=res["primary"],
-                            dataset=c.run.eval_dataset(), backbone=c.backbone.name, protocol=res["protocol"], run=rid))
+                            dataset=c.run.eval_dataset(), backbone=tags["backbone"], protocol=res["protocol"], run=rid,
+                            recipe=row_recipe(tags)))
         return rows
 
     def _feature_figure(self, method: str, final: str | None, out_dir: str) -> None:

@@ -249,6 +249,10 @@ def _same_shape_groups(feats: list[torch.Tensor], masks: list[torch.Tensor], siz
 @TASKS.register("cluster")
 class Clustering(Task):
     config_class = ClusterConfig
+    # published protocol per dataset (bench.config resolves it below the user's settings): PiCIE / STEGO's
+    # K = number of classes (27), Hungarian matching, 5 k-means seeds on COCO-Stuff-27 and Cityscapes-27
+    dataset_defaults = {"coco_stuff27": {"k": 27, "match": "hungarian", "seeds": 5},
+                        "cityscapes27": {"k": 27, "match": "hungarian", "seeds": 5}}
     primary = "miou"
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device) -> TaskResult:

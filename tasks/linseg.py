@@ -128,6 +128,10 @@ def _batches(dataset, indices: list[int], batch_size: int, size: int):
 @TASKS.register("linseg")
 class LinearSegmentation(Task):
     config_class = LinsegConfig
+    # on these datasets the published protocol is the default (bench.config resolves it below the user's
+    # settings): Leopart's linear probe, as Leopart and CrOC report it on PVOC12, COCO-Things, COCO-Stuff
+    dataset_defaults = {"voc12": {"preset": "leopart"}, "coco_things": {"preset": "leopart"},
+                        "coco_stuff15": {"preset": "leopart"}}
     primary = "miou"
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device) -> TaskResult:
