@@ -243,11 +243,11 @@ def build(cls: type, data: dict | None, where: str) -> Any:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise BenchError(f"{where}: {exc}") from None
+    for f in dataclasses.fields(cls):  # ranges first: one line naming key, value and range beats a custom check
+        check_range(cls, f.name, getattr(obj, f.name), f"{where}.{f.name}")
     check = getattr(obj, "validate", None)
     if callable(check):
         check(where)
-    for f in dataclasses.fields(cls):
-        check_range(cls, f.name, getattr(obj, f.name), f"{where}.{f.name}")
     return obj
 
 
