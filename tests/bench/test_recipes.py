@@ -294,3 +294,19 @@ def test_range_helper_describes_every_bound():
 def test_resolve_rejects_a_section_that_is_not_a_mapping():
     with pytest.raises(BenchError, match="pretrain: expected a mapping, got int"):
         resolve({"pretrain": 3})
+
+
+@pytest.mark.parametrize("item, message", [
+    ("dino.teacher_temp=uniform(-0.1,0.07)", r"dino.teacher_temp = -0.1: expected > 0"),
+    ("dino.momentum_teacher=uniform(0.99,1.0)", r"dino.momentum_teacher = 1.0: expected in \[0, 1\)"),
+    ("pretrain.clip_grad=choice(-1,3)", "pretrain.clip_grad = -1: expected >= 0"),
+    ("pretrain.lr=0", "pretrain.lr = 0: expected > 0"),
+    ("dino.n_local=randint(-1,4)", "dino.n_local = -1: expected >= 0"),
+])
+def test_tune_space_bounds_are_range_checked(item, message):
+    from bench.search_space import build_space
+
+    assert message
+    with pytest.raises(BenchError, match=message):
+        build_space("dino", [item])
+    build_space("dino", ["dino.teacher_temp=uniform(0.02,0.07)", "dino.n_local=randint(0,4)"])
