@@ -1,4 +1,11 @@
-"""Typed configuration: dataclass defaults < YAML file (``--config``) < dotted overrides (``--set a.b=c``).
+"""Typed configuration: dataclass defaults < the method's recipe (``run.recipe``, ``bench.recipes``) < YAML file
+(``--config``) < dotted overrides (``--set a.b=c``) < explicit CLI flags.
+
+A recipe sets a method's own section, its ``pretrain`` and its ``backbone``, so those two are per method:
+:meth:`BenchConfig.pretrain_for` and :meth:`BenchConfig.backbone_for` (``cfg.pretrain`` / ``cfg.backbone`` are the
+user's settings and the first method's backbone). On a real dataset the tasks start from that dataset's published
+protocol (a task class's ``dataset_defaults``). Numeric fields declare their ranges (``bench.ranges``), checked
+here for every source of values.
 
 The resolved config is plain data (nested dicts of dataclasses) so it can be logged as MLflow params,
 hashed, and shipped to Ray workers. Sections:
@@ -15,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -25,75 +31,8 @@ import yaml
 
 from bench import recipes as recipe_files
 from bench.errors import BenchError
-
-
-# ------------------------------------------------------------------------------ numeric ranges
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed interval of a numeric field (each element of a tuple field): ``ge``/``gt`` below, ``le``/``lt``
-    above; checked by :func:`build` for every source of values (defaults, YAML, recipes, ``--set``, tune)."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-
-    def ok(self, v: float) -> bool:
-        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
-
-    def describe(self) -> str:
-        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
-        if lo and hi:
-            return f"in {lo}, {hi}"
-        if lo:
-            return f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}"
-        return f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}"
-
-
-def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None) -> Any:
-    """A dataclass field with a range declared next to it: ``lr: float = ranged(5e-4, gt=0)``."""
-    return field(default=default, metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
-
-
-# the shorthands the config classes use
-def positive(default: Any) -> Any:
-    return ranged(default, gt=0)
-
-
-def at_least(default: Any, lo: float) -> Any:
-    return ranged(default, ge=lo)
-
-
-def fraction(default: Any) -> Any:
-    """A probability or fraction: [0, 1]."""
-    return ranged(default, ge=0, le=1)
-
-
-def momentum_value(default: Any) -> Any:
-    """An EMA / SGD momentum: [0, 1)."""
-    return ranged(default, ge=0, lt=1)
-
-
-def field_range(cls: type, name: str) -> Range | None:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("range")
-    return None
-
-
-def check_range(cls: type, name: str, value: Any, where: str) -> None:
-    """One line naming the key, the value and the allowed range (``tune`` spaces call it on their bounds)."""
-    rng = field_range(cls, name)
-    if rng is None or value is None or isinstance(value, bool):
-        return
-    items = value if isinstance(value, (list, tuple)) else [value]
-    for v in items:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and (not math.isfinite(v) or not rng.ok(v)):
-            raise BenchError(f"{where} = {value!r}: expected {rng.describe()}")
+from bench.ranges import (Range, at_least, check_range, field_range, fraction, momentum_value,  # noqa: F401
+                          positive, ranged)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from bench.data.views import MultiCropSpec
 from bench.errors import BenchError
-from bench.config import at_least, momentum_value, positive, ranged
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule
 from methods.common.attention import NormalizedMHSA

@@ -57,7 +57,7 @@ from torch import nn
 
 from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
-from bench.config import at_least, momentum_value, positive, ranged
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.clustering import cluster_views, global_mean, view_centroids

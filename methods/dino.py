@@ -35,7 +35,7 @@ from torch import nn
 
 from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
-from bench.config import at_least, momentum_value, positive, ranged
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule
 from methods.common.dino_loss import DINOLoss

@@ -52,7 +52,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench.data.views import SWAV_JITTER, MultiCrop, MultiCropSpec, sample_box, scaled_jitter
 from bench.errors import BenchError
-from bench.config import at_least, fraction, momentum_value, positive, ranged
+from bench.ranges import at_least, fraction, momentum_value, positive, ranged
 from bench.registry import METHODS, VIEW_RECIPES
 from methods.base import Method, Schedule, split_decay
 from methods.common.dist import all_reduce_sum, world_size

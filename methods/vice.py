@@ -82,7 +82,7 @@ from torch.nn import functional as F
 from bench.data.superpixels import SuperpixelViewSpec
 from bench.data.views import SWAV_JITTER, scaled_jitter
 from bench.errors import BenchError
-from bench.config import at_least, fraction, positive
+from bench.ranges import at_least, fraction, positive
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.dist import all_reduce_sum, world_size

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
-from bench.config import at_least
+from bench.ranges import at_least
 from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, iou_per_class, match_clusters, remap_confusion, summarize

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
-from bench.config import at_least, momentum_value, positive
+from bench.ranges import at_least, momentum_value, positive
 from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, summarize

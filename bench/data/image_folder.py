@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.config import at_least
+from bench.ranges import at_least
 from bench.data import IGNORE_INDEX, SegDataset
 from bench.data._real import first_dir, read_image, require_root
 from bench.errors import BenchError
