@@ -216,7 +216,7 @@ def needs_estimate(cfg: BenchConfig, method: str) -> bool:
     return not pcfg.gpu or pcfg.workers * 2 < rec.gpus
 
 
-def estimate_seconds(cfg: BenchConfig, method: str, steps: int = 2, images: int = 2) -> dict:
+def estimate_seconds(cfg: BenchConfig, method: str, steps: int = 1, images: int = 2) -> dict:
     """Time ``steps`` real training steps of the resolved config on ``images`` images in this process (one
     warm-up step first) and extrapolate to the whole pretraining: seconds per image × images to see / workers."""
     import torch
