@@ -11,7 +11,10 @@ from bench.errors import BenchError
 CONFIG_HELP = """\
 configuration (lowest to highest precedence):
   1. defaults: dataclasses per section (run, backbone, pretrain, tracking) and per registered
-     method / task / dataset (methods.<name>, tasks.<name>, data.<name>)
+     method / task / dataset (methods.<name>, tasks.<name>, data.<name>); on a real dataset the tasks
+     take that dataset's published protocol preset
+  1b. the recipe (--recipe NAME|FILE, run.recipe; default cpu on synthetic data, paper otherwise):
+     methods/recipes/<method>.yaml, see `python -m bench recipe list`
   2. --config FILE.yaml with the same nesting, e.g.
        pretrain: {epochs: 3, batch_size: 32}
        methods: {dino: {teacher_temp: 0.05}}
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray address; empty starts a local Ray, 'auto' joins a running cluster")
     run.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline row")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--recipe", help="paper | cpu | a named variant | FILE.yaml[:NAME] (comma list: files per method "
+                                      "+ one name); default cpu on synthetic data, paper otherwise")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the fully resolved configuration (YAML keyed like --set paths) and exit")
     run.add_argument("--from-tune", metavar="NAME[,NAME]",
                      help="pretrain with the best config of `bench tune` search(es) NAME for the method(s) they tuned "
                           "(default --methods: those methods; explicit --set/--config values still win)")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--workers", type=int, help="Ray Train workers per trial (default 1)")
     tn.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     tn.add_argument("--epochs", type=int, help="pretraining epochs per trial")
+    tn.add_argument("--recipe", help="the recipe the search starts from (default cpu on synthetic data, paper otherwise)")
     tn.add_argument("--storage", help="folder for searches and checkpoints (default ./bench_runs)")
     tn.add_argument("--address", help="Ray address; empty starts a local Ray, 'auto' joins a running cluster")
     _add_config(tn)
@@ -156,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--backbone", help="backbone of the run (default: inferred from the checkpoint)")
     ex.add_argument("--gpus", type=int, default=8, help="GPUs in the written launch scripts (default 8)")
     _add_config(ex)
+
+    rc = sub.add_parser("recipe", help="methods' published (paper), CPU and variant configurations: list | show | diff")
+    rc_sub = rc.add_subparsers(dest="action", metavar="action", required=True)
+    rc_sub.add_parser("list", help="every method's recipes")
+    sh = rc_sub.add_parser("show", help="a method's recipe, every resolved value with its source")
+    sh.add_argument("method")
+    sh.add_argument("--recipe", default="paper", help="NAME or FILE.yaml[:NAME] (default paper)")
+    df = rc_sub.add_parser("diff", help="what differs between two recipes of a method, with sources")
+    df.add_argument("method")
+    df.add_argument("a", help="recipe NAME or FILE.yaml[:NAME]")
+    df.add_argument("b", help="recipe NAME or FILE.yaml[:NAME]")
     return parser
 
 
@@ -180,6 +199,7 @@ def _run_flags(args) -> dict:
     put("run", "pretrain_data", args.pretrain_data)
     put("run", "eval_data", args.eval_data)
     put("run", "run_id", args.run_id)
+    put("run", "recipe", getattr(args, "recipe", None))
     put("run", "storage", args.storage)
     put("run", "address", args.address)
     if args.no_baseline:
@@ -211,10 +231,20 @@ def cmd_run(args) -> int:
     from bench.config import load_config
     from bench.pipeline import run
 
+    from bench import recipe_tools
+
     cfg = load_config(args.config, args.sets, _run_flags(args))
-    if cfg.pretrain.workers < 1:
-        raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
+    if args.print_config:
+        print(recipe_tools.print_config(cfg), end="")
+        return 0
     _resolve_init(cfg, load=True)
+    recipe_tools.require_init(cfg)
+    warn = recipe_tools.warning_line(cfg)
+    if warn:
+        print(warn, file=sys.stderr)
+    for method in cfg.run.methods:
+        if recipe_tools.needs_estimate(cfg, method):
+            print(recipe_tools.estimate_line(cfg, method), file=sys.stderr)
     if args.from_tune:
         from rich.console import Console
 
@@ -241,8 +271,12 @@ def cmd_leaderboard(args) -> int:
         from bench import reference
 
         refs = reference.load(args.reference)
+        reference.mark_comparability(rows)
         matched = reference.matching_rows(rows, refs)
-        if not matched:
+        if not any(reference.comparable(r) for r in rows):
+            print("no row ran a `paper` recipe unchanged: published numbers are shown only beside those "
+                  "(`python -m bench run --recipe paper ...`); the rows below are marked not comparable")
+        elif not matched:
             print(f"no reference row matches these results' dataset and protocol; {len(refs)} published rows "
                   f"cover {', '.join(reference.coverage(refs))}")
         rows = rows + matched
@@ -266,7 +300,21 @@ def cmd_data(args) -> int:
     return data_command(args)
 
 
-COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "data": cmd_data, "ui": cmd_ui}
+def cmd_recipe(args) -> int:
+    from bench import plugins, recipe_tools
+    from bench.registry import METHODS
+
+    plugins.load_all()
+    if args.action == "list":
+        print(recipe_tools.list_all())
+        return 0
+    METHODS.validate([args.method], "method")
+    print(recipe_tools.show(args.method, args.recipe) if args.action == "show"
+          else recipe_tools.diff(args.method, args.a, args.b))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "data": cmd_data, "ui": cmd_ui, "recipe": cmd_recipe}
 
 
 def cmd_submit(args) -> int:
@@ -368,15 +416,17 @@ def cmd_tune(args) -> int:
         for section, key, value in (("run", "data", args.data), ("run", "pretrain_data", args.pretrain_data),
                                     ("run", "eval_data", args.eval_data), ("run", "storage", args.storage),
                                     ("run", "address", args.address), ("backbone", "name", args.backbone),
-                                    ("backbone", "init", args.init), ("pretrain", "workers", args.workers),
+                                    ("backbone", "init", args.init), ("run", "recipe", args.recipe),
+                                    ("pretrain", "workers", args.workers),
                                     ("pretrain", "gpu", args.gpu), ("pretrain", "epochs", args.epochs),
                                     ("tracking", "uri", args.tracking_uri), ("tracking", "experiment", args.experiment)):
             if value is not None:
                 flags.setdefault(section, {})[key] = value
         cfg = load_config(args.config, args.sets, flags)
         _resolve_init(cfg)
-        if cfg.pretrain.workers < 1:
-            raise BenchError(f"--workers {cfg.pretrain.workers}: expected at least 1")
+        from bench.recipe_tools import require_init
+
+        require_init(cfg)
         try:
             out = new_search(cfg, opts)
         except KeyboardInterrupt:

@@ -75,7 +75,7 @@ def eval_spec(cfg: BenchConfig, method: str | None, n_pretrain: int) -> dict:
     """What ``bench.evaluate.evaluate_method`` needs (plain data); ``method=None`` for the untrained baseline."""
     c = cfg
     spec = {
-        "backbone": to_dict(c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
+        "backbone": to_dict(c.backbone_for(method) if method else c.backbone), "seed": c.run.seed, "eval_dataset": c.run.eval_dataset(),
         "eval_dataset_cfg": to_dict(c.data[c.run.eval_dataset()]),
         "tasks": {t: to_dict(c.tasks[t]) for t in c.run.tasks}, "n_pretrain_images": n_pretrain,
     }

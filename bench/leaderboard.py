@@ -28,7 +28,15 @@ class Row:
     backbone: str = ""
     protocol: str = ""
     run: str = ""  # MLflow run id of the evaluation
+    recipe: str = ""  # the recipe it ran (bench.recipes): "paper", "cpu", "paper (2 changed)", ...
     extra: dict = field(default_factory=dict)  # "reference": source of a published (not measured) row
+
+
+def row_recipe(tags: dict) -> str:
+    """The recipe column from an MLflow run's tags: the recipe name, and how many values differ from paper
+    when a ``paper`` run had some changed."""
+    name, changes = tags.get("recipe", ""), int(tags.get("recipe_changes", 0) or 0)
+    return f"{name} ({changes} changed)" if name == "paper" and changes else name
 
 
 def is_reference(row: Row) -> bool:
@@ -42,6 +50,7 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
         if r.method not in methods:
             methods.append(r.method)
     refs = {r.method for r in rows if is_reference(r)}
+    marked = any(r.extra.get("comparable") for r in rows)  # --with-reference marked rows of other recipes
     methods = ([m for m in methods if m != BASELINE and m not in refs] + ([BASELINE] if BASELINE in methods else [])
                + [m for m in methods if m in refs])  # published reference rows last
     tasks: dict[str, list[str]] = {}
@@ -58,11 +67,12 @@ def to_frame(rows: list[Row]) -> pd.DataFrame:
                 line.update({f"{r.task}/{k}": r.metrics.get(k) for k in tasks[r.task]})
                 line.setdefault("dataset", r.dataset)
                 line.setdefault("backbone", r.backbone)
-                if refs:
-                    line.setdefault("source", r.extra.get("reference") or "measured")
+                line.setdefault("recipe", r.recipe or ("published" if is_reference(r) else ""))
+                if refs or marked:
+                    line.setdefault("source", r.extra.get("reference") or r.extra.get("comparable") or "measured")
         data.append(line)
-    columns = (["method"] + [f"{t}/{k}" for t, ks in tasks.items() for k in ks] + ["dataset", "backbone"]
-               + (["source"] if refs else []))
+    columns = (["method"] + [f"{t}/{k}" for t, ks in tasks.items() for k in ks] + ["dataset", "backbone", "recipe"]
+               + (["source"] if refs or marked else []))
     return pd.DataFrame(data, columns=columns)
 
 
@@ -81,10 +91,11 @@ def render(rows: list[Row], title: str = "Leaderboard", console=None) -> None:
     df = to_frame(rows)
     table = Table(title=title, title_justify="left")
     for col in df.columns:
-        table.add_column(col, justify="left" if col in ("method", "dataset", "backbone", "source") else "right",
+        table.add_column(col, justify="left" if col in ("method", "dataset", "backbone", "recipe", "source") else "right",
                          style="bold" if col == "method" else None)
     # the terminal shows reference sources as numbered notes under the table (CSV/markdown keep the text)
-    notes = list(dict.fromkeys(s for s in df["source"] if s != "measured")) if "source" in df.columns else []
+    notes = (list(dict.fromkeys(s for s, m in zip(df["source"], df["method"]) if m in {r.method for r in rows if is_reference(r)}))
+             if "source" in df.columns else [])
     primaries = {f"{r.task}/{r.primary}" for r in rows}
     refs = {r.method for r in rows if is_reference(r)}
     measured = df[~df["method"].isin(refs)]
@@ -165,7 +176,7 @@ def rows_from_mlflow(tracker, bench_run_id: str | None = None, best: bool = True
         metrics = {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{task}/")}
         row = Row(method=tags.get("method", "?"), task=task, metrics=metrics, primary=primary,
                   dataset=tags.get("dataset", ""), backbone=tags.get("backbone", ""),
-                  protocol=tags.get("bench.protocol", ""), run=run.info.run_id)
+                  protocol=tags.get("bench.protocol", ""), run=run.info.run_id, recipe=row_recipe(tags))
         key = (row.method, row.task)
         old = chosen.get(key)
         if old is None or not best or (row.metrics.get(primary, -math.inf) or -math.inf) > (

@@ -65,5 +65,5 @@ def loop_config(cfg: BenchConfig, method: str, pcfg: PretrainConfig, out_dir: st
     name = cfg.run.pretrain_dataset()
     return LoopConfig(method=method, method_cfg=copy.deepcopy(cfg.methods[method]),
                       pretrain=dataclasses.replace(pcfg, cpus_per_worker=cpus),
-                      backbone=copy.deepcopy(cfg.backbone), dataset=name, dataset_cfg=copy.deepcopy(cfg.data[name]),
+                      backbone=copy.deepcopy(cfg.backbone_for(method)), dataset=name, dataset_cfg=copy.deepcopy(cfg.data[name]),
                       seed=cfg.run.seed, out_dir=out_dir)

@@ -18,7 +18,7 @@ from bench import checkpoint as ckpt
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
 from bench.evaluate import eval_spec
-from bench.leaderboard import BASELINE, Row, export, render
+from bench.leaderboard import BASELINE, Row, export, render, row_recipe
 from bench.loopconfig import loop_config
 from bench.registry import DATASETS, TASKS
 from bench.storage import ensure_writable
@@ -72,6 +72,11 @@ class Pipeline:
         tags = {"bench.run_id": self.run_id, "dataset": c.run.eval_dataset(), "pretrain_dataset": c.run.pretrain_dataset(),
                 "backbone": c.backbone.name, "git_commit": git_commit(), "config_hash": c.hash()}
         tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI's run page
+        from bench import recipe_tools
+
+        tags.update(recipe_tools.tags(c, extra.get("method")))
+        if extra.get("method") in c.recipes:
+            tags["backbone"] = c.backbone_for(extra["method"]).name
         tags.update(extra)
         return tags
 
@@ -99,6 +104,9 @@ class Pipeline:
         self._check_data()
         self.parent, _ = self._run("parent", self.run_id, self._tags(**{"bench.kind": "run"}), None)
         self.tracker.log_params(self.parent, c.as_dict())
+        from bench import recipe_tools
+
+        self.tracker.client.log_dict(self.parent, recipe_tools.run_record(c), "recipe_diff.json")
         self.timings.add("setup", time.perf_counter() - t0)
         self.console.print(f"[bold]bench run[/bold] {self.run_id}: methods {', '.join(c.run.methods)} · tasks "
                            f"{', '.join(c.run.tasks)} · data {c.run.pretrain_dataset()} → {c.run.eval_dataset()} · "
@@ -143,7 +151,10 @@ class Pipeline:
             self.console.print(f"  {method}: pretraining already finished in run {self.run_id}, skipped")
             return
         self.tracker.log_params(rid, {"method": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                                      "backbone": to_dict(c.backbone)})
+                                      "backbone": to_dict(c.backbone_for(method))})
+        from bench import recipe_tools
+
+        self.tracker.client.log_dict(rid, recipe_tools.record(c, method), "recipe_diff.json")
         t = time.perf_counter()
         if os.path.exists(final):  # trained by an interrupted attempt that had not yet logged it
             self.console.print(f"  {method}: pretraining already finished in run {self.run_id} "
@@ -251,6 +262,8 @@ class Pipeline:
             rid, done = self._run(f"eval/{method}/{task}", f"eval-{method}-{task}", tags, self.parent)
             if not done:
                 self.tracker.log_params(rid, {"task": to_dict(c.tasks[task])})
+                self.tracker.client.log_dict(rid, {"recipe": tags["recipe"], "recipe_hash": tags["recipe_hash"],
+                                                   "recipe_changes": tags["recipe_changes"]}, "recipe.json")
                 self.tracker.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items()
                                                if isinstance(v, (int, float))})
                 # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
@@ -266,7 +279,8 @@ class Pipeline:
                     self.tracker.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
                 self.tracker.finish(rid)
             rows.append(Row(method=method, task=task, metrics=res["metrics"], primary=res["primary"],
-                            dataset=c.run.eval_dataset(), backbone=c.backbone.name, protocol=res["protocol"], run=rid))
+                            dataset=c.run.eval_dataset(), backbone=tags["backbone"], protocol=res["protocol"], run=rid,
+                            recipe=row_recipe(tags)))
         return rows
 
     def _feature_figure(self, method: str, final: str | None, out_dir: str) -> None:

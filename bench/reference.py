@@ -5,6 +5,8 @@ same evaluation ``dataset`` and the same protocol: the measured row's protocol k
 line before the colon (``linseg[leopart]``, ``cluster``, ``det[1x]``), is one of the reference's ``protocol``
 keys, and every ``requires`` substring occurs in the measured protocol line (``K=256``, ``majority``). Only
 the metric columns the measured rows of that task have are kept, so references never add columns.
+Published numbers belong only beside rows that ran the published configuration: measured rows whose recipe
+is ``paper`` with no value changed (``comparable``); the others are marked "not comparable" and never matched.
 Reference rows become ``leaderboard.Row`` objects with ``extra["reference"]`` set to their source, which
 the leaderboard renders marked (``ref:`` prefix, dimmed, never highlighted as best).
 """
@@ -130,9 +132,23 @@ def matches(ref: Reference, row: Row) -> bool:
             and all(s in (row.protocol or "") for s in ref.requires))
 
 
+def comparable(row: Row) -> bool:
+    """A measured row that ran its method's ``paper`` recipe unchanged (the random-init baseline never is)."""
+    return row.recipe == "paper"
+
+
+def mark_comparability(rows: list[Row]) -> list[Row]:
+    """Sets ``extra["comparable"]`` to "not comparable (recipe X)" on measured rows that are not ``paper``."""
+    for r in rows:
+        if not r.extra.get("reference") and not comparable(r):
+            r.extra["comparable"] = f"not comparable (recipe {r.recipe or 'unrecorded'})"
+    return rows
+
+
 def matching_rows(measured: list[Row], refs: list[Reference]) -> list[Row]:
-    """Reference rows for the measured rows, metrics cut to the measured columns of their task, file order."""
-    measured = [r for r in measured if not r.extra.get("reference")]
+    """Reference rows for the comparable measured rows (:func:`comparable`), metrics cut to the measured columns
+    of their task, file order."""
+    measured = [r for r in measured if not r.extra.get("reference") and comparable(r)]
     columns: dict[str, set] = {}
     for r in measured:
         columns.setdefault(r.task, set()).update(k for k, v in r.metrics.items() if isinstance(v, (int, float)))
@@ -157,4 +173,5 @@ def coverage(refs: list[Reference]) -> list[str]:
     return seen
 
 
-__all__ = ["Reference", "REFERENCE_FILE", "load", "parse", "matches", "matching_rows", "protocol_key", "coverage"]
+__all__ = ["Reference", "REFERENCE_FILE", "load", "parse", "matches", "matching_rows", "protocol_key", "coverage",
+           "comparable", "mark_comparability"]

@@ -287,6 +287,7 @@ def check_type(key: str, parsed, method: str, where: str):
     from bench.config import coerce
 
     tp = _field_type(key, method)
+    _check_bounds(key, parsed, method, where)
     if isinstance(parsed, tuple) and parsed and parsed[0] is _FIXED:
         return (_FIXED, coerce(parsed[1], tp, f"{where} ({key})"))
     if isinstance(parsed, Categorical):
@@ -299,6 +300,29 @@ def check_type(key: str, parsed, method: str, where: str):
         tname = getattr(tp, "__name__", str(tp))
         raise BenchError(f"{where}: {key} is a {tname}; use choice(...) or a plain value")
     return parsed
+
+
+def _check_bounds(key: str, parsed, method: str, where: str) -> None:
+    """Every value the domain can give lies in the field's declared range (``bench.config.ranged``)."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from bench.config import PretrainConfig, check_range
+    from bench.registry import METHODS
+
+    section, name = key.split(".", 1)
+    cls = PretrainConfig if section == "pretrain" else METHODS.get(method).config_class
+    if isinstance(parsed, tuple) and parsed and parsed[0] is _FIXED:
+        values = [parsed[1]]
+    elif isinstance(parsed, Categorical):
+        values = list(parsed.categories)
+    elif isinstance(parsed, Integer):
+        values = [parsed.lower, parsed.upper - 1]  # Ray's integer upper bound is exclusive
+    elif isinstance(parsed, Float):
+        values = [parsed.lower, parsed.upper]
+    else:
+        return
+    for v in values:
+        check_range(cls, name, v, f"{where}: {key}")
 
 
 # ------------------------------------------------------------------------------------------ the space

@@ -17,6 +17,7 @@ from torch import nn
 
 from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule
 from methods.base import split_decay
@@ -28,27 +29,27 @@ from methods.common.teacher import EMASchedule, make_teacher
 
 @dataclass
 class DINOConfig:
-    out_dim: int = 1024  # ref 65536
-    hidden_dim: int = 512  # ref 2048
-    bottleneck_dim: int = 128  # ref 256
+    out_dim: int = at_least(1024, 2)  # ref 65536
+    hidden_dim: int = at_least(512, 1)  # ref 2048
+    bottleneck_dim: int = at_least(128, 1)  # ref 256
     # ref False. On the CPU default (batch 32, ~150 steps) the BN-free head collapsed to uniform outputs
     # (loss stuck at ln(out_dim), DINO issue #43's failure mode); BN over the batch keeps the targets informative.
     use_bn_in_head: bool = True
     norm_last_layer: bool = True
-    momentum_teacher: float = 0.99  # ref 0.996
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    freeze_last_layer: int = 1  # epochs during which the last layer's gradients are discarded
-    global_size: int = 64  # ref 224
-    local_size: int = 32  # ref 96
-    n_local: int = 2  # ref 8
-    global_scale: tuple = (0.4, 1.0)
-    local_scale: tuple = (0.05, 0.4)
+    momentum_teacher: float = momentum_value(0.99)  # ref 0.996
+    teacher_temp: float = positive(0.04)
+    warmup_teacher_temp: float = positive(0.04)
+    warmup_teacher_temp_epochs: int = at_least(0, 0)
+    student_temp: float = positive(0.1)
+    center_momentum: float = momentum_value(0.9)
+    freeze_last_layer: int = at_least(1, 0)  # epochs during which the last layer's gradients are discarded
+    global_size: int = at_least(64, 1)  # ref 224
+    local_size: int = at_least(32, 1)  # ref 96
+    n_local: int = at_least(2, 0)  # ref 8
+    global_scale: tuple = ranged((0.4, 1.0), gt=0, le=1)
+    local_scale: tuple = ranged((0.05, 0.4), gt=0, le=1)
     embedding: str = "patch_mean"  # head input: patch_mean | cls (ref; see docs/methods.md)
-    jitter_strength: float = 0.25  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
+    jitter_strength: float = at_least(0.25, 0)  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
     blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
 
     def validate(self, where: str) -> None:

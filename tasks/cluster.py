@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
+from bench.ranges import at_least
 from bench.registry import TASKS
 from methods.common.clustering import assign, kmeans, kmeans_pp  # noqa: F401 (k-means lives there; re-exported)
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
@@ -49,19 +50,19 @@ from tasks.metrics import confusion_matrix, iou_per_class, match_clusters, remap
 
 @dataclass
 class ClusterConfig:
-    k: int = 0  # clusters; 0 = the number of classes; more = overclustering
+    k: int = at_least(0, 0)  # clusters; 0 = the number of classes; more = overclustering
     match: str = "auto"  # auto (hungarian when k = classes, majority when k > classes) | hungarian | majority
-    seeds: int = 0  # k-means restarts, reported as mean ± std; 0 = 5 on real data (protocol), 3 on synthetic
+    seeds: int = at_least(0, 0)  # k-means restarts, reported as mean ± std; 0 = 5 on real data (protocol), 3 on synthetic
     fit_on: str = "val"  # val: centroids from the evaluation images' features | train: from the train split
-    max_fit_images: int = 5000  # fit_on=train: at most this many random train images (0 = all)
-    max_fit_points: int = 1_000_000  # random token subsample per seed for fitting (0 = all)
+    max_fit_images: int = at_least(5000, 0)  # fit_on=train: at most this many random train images (0 = all)
+    max_fit_points: int = at_least(1_000_000, 0)  # random token subsample per seed for fitting (0 = all)
     exclude_void: bool = True  # leave tokens whose label is ignore (255) out of the fit
     normalize: bool = True  # L2-normalise features (cosine, PiCIE)
-    iters: int = 30  # max Lloyd iterations per seed, fewer once converged (PiCIE faiss: 20, Leopart: 100)
-    n_init: int = 1  # k-means runs per seed, the lowest inertia kept (Leopart's faiss nredo: 5)
+    iters: int = at_least(30, 1)  # max Lloyd iterations per seed, fewer once converged (PiCIE faiss: 20, Leopart: 100)
+    n_init: int = at_least(1, 1)  # k-means runs per seed, the lowest inertia kept (Leopart's faiss nredo: 5)
     upsample: str = "bilinear"  # bilinear (cluster scores to label resolution) | nearest (token map)
-    batch_size: int = 32
-    seed: int = 0
+    batch_size: int = at_least(32, 1)
+    seed: int = at_least(0, 0)
 
     def validate(self, where: str) -> None:
         if self.k < 0 or self.seeds < 0 or self.iters < 1 or self.batch_size < 1 or self.n_init < 1:
@@ -136,6 +137,10 @@ def _same_shape_groups(feats: list[torch.Tensor], masks: list[torch.Tensor], siz
 @TASKS.register("cluster")
 class Clustering(Task):
     config_class = ClusterConfig
+    # published protocol per dataset (bench.config resolves it below the user's settings): PiCIE / STEGO's
+    # K = number of classes (27), Hungarian matching, 5 k-means seeds on COCO-Stuff-27 and Cityscapes-27
+    dataset_defaults = {"coco_stuff27": {"k": 27, "match": "hungarian", "seeds": 5},
+                        "cityscapes27": {"k": 27, "match": "hungarian", "seeds": 5}}
     primary = "miou"
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:

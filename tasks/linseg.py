@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
+from bench.ranges import at_least, momentum_value, positive
 from bench.registry import TASKS
 from tasks.base import EvalData, FeatureFn, Task, TaskResult
 from tasks.metrics import confusion_matrix, summarize
@@ -51,19 +52,19 @@ PRESETS = {
 @dataclass
 class LinsegConfig:
     preset: str = "synthetic"  # synthetic | leopart | leopart_r50 | leopart_mocov3; unset fields take the preset's
-    input_size: Optional[int] = None  # square input side; 0 = the dataset's native size
-    train_mask_size: Optional[int] = None  # label/logit side during training; 0 = input size
-    eval_mask_size: Optional[int] = None  # side at evaluation; 0 = the ground truth's native size
-    epochs: Optional[int] = None
-    drop_at: Optional[int] = None  # epoch of the ×0.1 learning-rate drop
-    lr: Optional[float] = None
-    batch_size: Optional[int] = None
+    input_size: Optional[int] = at_least(None, 0)  # square input side; 0 = the dataset's native size
+    train_mask_size: Optional[int] = at_least(None, 0)  # label/logit side during training; 0 = input size
+    eval_mask_size: Optional[int] = at_least(None, 0)  # side at evaluation; 0 = the ground truth's native size
+    epochs: Optional[int] = at_least(None, 1)
+    drop_at: Optional[int] = at_least(None, 0)  # epoch of the ×0.1 learning-rate drop
+    lr: Optional[float] = positive(None)
+    batch_size: Optional[int] = at_least(None, 1)
     augment: Optional[bool] = None
     standardize: Optional[bool] = None  # per-channel train-set standardisation of the frozen features
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    max_train_images: int = 0  # 0 = the whole train split
-    seed: int = 400
+    momentum: float = momentum_value(0.9)
+    weight_decay: float = at_least(1e-4, 0)
+    max_train_images: int = at_least(0, 0)  # 0 = the whole train split
+    seed: int = at_least(400, 0)
 
     def validate(self, where: str) -> None:
         if self.preset not in PRESETS:
@@ -129,6 +130,10 @@ def _batches(dataset, indices: list[int], batch_size: int, size: int):
 @TASKS.register("linseg")
 class LinearSegmentation(Task):
     config_class = LinsegConfig
+    # on these datasets the published protocol is the default (bench.config resolves it below the user's
+    # settings): Leopart's linear probe, as Leopart and CrOC report it on PVOC12, COCO-Things, COCO-Stuff
+    dataset_defaults = {"voc12": {"preset": "leopart"}, "coco_things": {"preset": "leopart"},
+                        "coco_stuff15": {"preset": "leopart"}}
     primary = "miou"
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from bench.data.views import MultiCropSpec
 from bench.errors import BenchError
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule
 from methods.clove.attention import NormalizedMHSA
@@ -36,21 +37,21 @@ REFERENCE_PRETRAIN = {"optimizer": "lars", "momentum": 0.9, "lr": 32 / 256 * 1.0
 
 @dataclass
 class CLoVEConfig:
-    proj_hidden_dim: int = 1024  # ref 4096
-    proj_dim: int = 256
-    attn_heads: int = 8
-    attn_temp: float = 0.0  # 0: scaled dot-product attention (the code); > 0: cosine attention / attn_temp
-    momentum: float = 0.99  # EMA momentum at step 0, cosine to 1 (ref clove_momentum 0.99)
-    pos_ratio: float = 0.7  # T_pos, relative to the larger cell diagonal (ref clove_pos_ratio 0.7)
-    n_neg: int = 10  # top-k hardest negatives per query; with drop_hardest ranks 2..k are averaged
+    proj_hidden_dim: int = at_least(1024, 1)  # ref 4096
+    proj_dim: int = at_least(256, 1)
+    attn_heads: int = at_least(8, 1)
+    attn_temp: float = at_least(0.0, 0)  # 0: scaled dot-product attention (the code); > 0: cosine attention / attn_temp
+    momentum: float = momentum_value(0.99)  # EMA momentum at step 0, cosine to 1 (ref clove_momentum 0.99)
+    pos_ratio: float = positive(0.7)  # T_pos, relative to the larger cell diagonal (ref clove_pos_ratio 0.7)
+    n_neg: int = at_least(10, 1)  # top-k hardest negatives per query; with drop_hardest ranks 2..k are averaged
     drop_hardest: bool = True
-    lamb: float = 2.0  # λ, weight of the positive term
-    margin: float = 100.0  # μ of the margin ranking loss (TripletLoss default)
-    global_size: int = 64  # ref 224
-    local_size: int = 32  # ref 96
-    n_local: int = 2  # ref 6
-    global_scale: tuple = (0.2, 1.0)
-    local_scale: tuple = (0.08, 0.3)
+    lamb: float = at_least(2.0, 0)  # λ, weight of the positive term
+    margin: float = at_least(100.0, 0)  # μ of the margin ranking loss (TripletLoss default)
+    global_size: int = at_least(64, 1)  # ref 224
+    local_size: int = at_least(32, 1)  # ref 96
+    n_local: int = at_least(2, 0)  # ref 6
+    global_scale: tuple = ranged((0.2, 1.0), gt=0, le=1)
+    local_scale: tuple = ranged((0.08, 0.3), gt=0, le=1)
     blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
     global_bn: bool = True  # BN statistics over all workers (the reference's SyncBN)
     eval_branch: str = "online"  # online | momentum

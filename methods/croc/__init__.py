@@ -20,6 +20,7 @@ from torch import nn
 
 from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
+from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.dist import global_count, global_mean
@@ -34,40 +35,40 @@ from methods.croc.loss import CrOCLoss
 @dataclass
 class CrOCConfig:
     # head (ref: hidden 2048, bottleneck 256, out_dim 65536, out_dim_c 8192)
-    out_dim: int = 1024
-    out_dim_c: int = 256
-    hidden_dim: int = 512
-    bottleneck_dim: int = 128
+    out_dim: int = at_least(1024, 2)
+    out_dim_c: int = at_least(256, 2)
+    hidden_dim: int = at_least(512, 1)
+    bottleneck_dim: int = at_least(128, 1)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
-    momentum_teacher: float = 0.99  # ref 0.996
+    momentum_teacher: float = momentum_value(0.99)  # ref 0.996
     # image-level DINO loss on [CLS]
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1  # CrOCLoss's own default; the ref's --student_temp (1.0) reaches nothing
-    center_momentum: float = 0.9
+    teacher_temp: float = positive(0.04)
+    warmup_teacher_temp: float = positive(0.04)
+    warmup_teacher_temp_epochs: int = at_least(0, 0)
+    student_temp: float = positive(0.1)  # CrOCLoss's own default; the ref's --student_temp (1.0) reaches nothing
+    center_momentum: float = momentum_value(0.9)
     # object-level (centroid) loss
-    teacher_temp_c: float = 0.04
-    warmup_teacher_temp_c: float = 0.04
-    student_temp_c: float = 0.1
-    center_momentum_c: float = 0.9
-    alpha_s: float = 1.0  # weight of the centroid loss
+    teacher_temp_c: float = positive(0.04)
+    warmup_teacher_temp_c: float = positive(0.04)
+    student_temp_c: float = positive(0.1)
+    center_momentum_c: float = momentum_value(0.9)
+    alpha_s: float = at_least(1.0, 0)  # weight of the centroid loss
     # clustering
     which_features: str = "k"  # q | k | v of the last block
-    lambda_pos: float = 4.0  # ref --pos_alpha
-    n_tokens: int = 5  # seeds = the largest K tried
-    n_centroids_max: int = 4  # K* ∈ {2, …, n_centroids_max}
-    sinkhorn_lambda: float = 20.0
-    sinkhorn_iterations: int = 5
+    lambda_pos: float = at_least(4.0, 0)  # ref --pos_alpha
+    n_tokens: int = at_least(5, 2)  # seeds = the largest K tried
+    n_centroids_max: int = at_least(4, 2)  # K* ∈ {2, …, n_centroids_max}
+    sinkhorn_lambda: float = positive(20.0)
+    sinkhorn_iterations: int = at_least(5, 1)
     uniform_marginals: bool = False
-    marginals_temp_r: float = 2.0
-    marginals_temp_c: float = 2.0
-    freeze_last_layer: int = 1  # epochs during which last_layer and last_layer_c get no gradient
+    marginals_temp_r: float = positive(2.0)
+    marginals_temp_c: float = positive(2.0)
+    freeze_last_layer: int = at_least(1, 0)  # epochs during which last_layer and last_layer_c get no gradient
     # views (ref 224 px)
-    global_size: int = 64
-    global_scale: tuple = (0.25, 1.0)
-    jitter_strength: float = 0.25  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
+    global_size: int = at_least(64, 1)
+    global_scale: tuple = ranged((0.25, 1.0), gt=0, le=1)
+    jitter_strength: float = at_least(0.25, 0)  # colour jitter (0.4s, 0.4s, 0.2s, 0.1s), p 0.8; ref s = 1
     blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
 
     def validate(self, where: str) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from bench.data.views import SWAV_JITTER, scaled_jitter
 from bench.errors import BenchError
+from bench.ranges import at_least, fraction, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.crops import forward_by_resolution
@@ -33,36 +34,36 @@ from methods.leopart.views import LeopartViews, LeopartViewSpec  # noqa: F401
 @dataclass
 class LeopartConfig:
     # ---- views
-    global_size: int = 64  # ref 224
-    local_size: int = 32  # ref 96
-    n_local: int = 2  # ref 4
-    global_scale: tuple = (0.25, 1.0)
-    local_scale: tuple = (0.05, 0.25)
-    min_intersection: float = 0.01
-    jitter_strength: float = 0.25  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s), p 0.8; ref s = 1
+    global_size: int = at_least(64, 1)  # ref 224
+    local_size: int = at_least(32, 1)  # ref 96
+    n_local: int = at_least(2, 0)  # ref 4
+    global_scale: tuple = ranged((0.25, 1.0), gt=0, le=1)
+    local_scale: tuple = ranged((0.05, 0.25), gt=0, le=1)
+    min_intersection: float = fraction(0.01)
+    jitter_strength: float = at_least(0.25, 0)  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s), p 0.8; ref s = 1
     blur_ref_size: int = 224  # view blur σ scaled by crop side / this (CPU default); 0: σ in pixels (ref)
     # ---- model
-    hidden_dim: int = 512  # ref 2048
-    out_dim: int = 128  # ref 256
-    n_layers_head: int = 3
-    n_prototypes: int = 300
-    momentum_teacher: float = 0.99  # ref 0.9995 (cosine to momentum_teacher_end)
-    momentum_teacher_end: float = 1.0
+    hidden_dim: int = at_least(512, 1)  # ref 2048
+    out_dim: int = at_least(128, 2)  # ref 256
+    n_layers_head: int = at_least(3, 1)
+    n_prototypes: int = at_least(300, 2)
+    momentum_teacher: float = momentum_value(0.99)  # ref 0.9995 (cosine to momentum_teacher_end)
+    momentum_teacher_end: float = fraction(1.0)
     use_teacher: bool = True
     # ---- loss
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    roi_size: int = 4  # ref 7 on a 14×14 grid
+    temperature: float = positive(0.1)
+    epsilon: float = positive(0.05)
+    sinkhorn_iters: int = at_least(3, 1)
+    roi_size: int = at_least(4, 1)  # ref 7 on a 14×14 grid
     loss_mask: str = "all"  # fg | all | bg; ref "fg" from DINO weights, "all" in train_in_scratch_config.yml
-    fg_threshold: float = 0.6  # fraction of the attention mass kept
-    blur_sigma: float = 0.6
-    blur_kernel: int = 7
-    max_small_component: int = 2  # components of at most this many pixels are dropped
-    queue_length: int = 2048  # per global crop, global (split over workers); ref 8192; 0 disables
-    queue_per_image: int = 10  # at most this × B foreground embeddings pushed per step
+    fg_threshold: float = ranged(0.6, gt=0, le=1)  # fraction of the attention mass kept
+    blur_sigma: float = positive(0.6)
+    blur_kernel: int = at_least(7, 1)
+    max_small_component: int = at_least(2, 0)  # components of at most this many pixels are dropped
+    queue_length: int = at_least(2048, 0)  # per global crop, global (split over workers); ref 8192; 0 disables
+    queue_per_image: int = at_least(10, 0)  # at most this × B foreground embeddings pushed per step
     # ---- optimisation
-    backbone_lr_scale: float = 0.3  # ref 0.1 (lr 1e-5 backbone / 1e-4 heads, from DINO weights)
+    backbone_lr_scale: float = positive(0.3)  # ref 0.1 (lr 1e-5 backbone / 1e-4 heads, from DINO weights)
 
     def validate(self, where: str) -> None:
         if self.blur_ref_size < 0:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from bench.data.views import SWAV_JITTER, scaled_jitter
 from bench.errors import BenchError
+from bench.ranges import at_least, fraction, positive
 from bench.registry import METHODS
 from methods.base import Method, Schedule, split_decay
 from methods.common.prototypes import Prototypes
@@ -32,43 +33,43 @@ from methods.vice.views import SuperpixelViews, SuperpixelViewSpec  # noqa: F401
 @dataclass
 class ViCEConfig:
     # ---- views (views.py)
-    n_views: int = 3  # ref 5
-    view_size: int = 64  # ref 400
-    resize_range: tuple = (0.5, 1.5)
-    min_img_size: int = 96  # ref 500 (std image side)
-    region_size: int = 8  # SLIC region size in px; ref 20 on 400-500 px images
-    ruler: float = 10.0  # SLIC compactness
-    slic_iters: int = 5
+    n_views: int = at_least(3, 2)  # ref 5
+    view_size: int = at_least(64, 1)  # ref 400
+    resize_range: tuple = positive((0.5, 1.5))
+    min_img_size: int = at_least(96, 1)  # ref 500 (std image side)
+    region_size: int = at_least(8, 2)  # SLIC region size in px; ref 20 on 400-500 px images
+    ruler: float = positive(10.0)  # SLIC compactness
+    slic_iters: int = at_least(5, 1)
     regular_grid: bool = False  # ablation: square cells instead of SLIC
     mask_views: bool = True
-    preserve_ratio: float = 0.25
-    mask_intensity: float = 0.25
-    flip_p: float = 0.5
-    jitter_strength: float = 0.25  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s), p 0.8; ref s = 1
-    blur_ref_size: int = 400  # blur σ scaled by view_size / this; 0: σ in pixels (the reference)
+    preserve_ratio: float = fraction(0.25)
+    mask_intensity: float = fraction(0.25)
+    flip_p: float = fraction(0.5)
+    jitter_strength: float = at_least(0.25, 0)  # colour jitter (0.8s, 0.8s, 0.8s, 0.2s), p 0.8; ref s = 1
+    blur_ref_size: int = at_least(400, 0)  # blur σ scaled by view_size / this; 0: σ in pixels (ref)
     # ---- model
     trunk: str = "light"  # light (CPU default) | deeplabv3plus (ref: dilated ResNet OS8 + ASPP + DeepLabV3+, SyncBN)
     aspp_rates: tuple = (12, 24, 36)  # deeplabv3plus only; ref 12/24/36 at output stride 8
-    embed_dim: int = 128  # OUT_FEAT_DIM
-    decoder_dim: int = 128  # ref 256 (DECODER_CH)
-    low_level_dim: int = 48
-    fuse_convs: int = 0  # separable 3×3 convs after the concatenation (ref 2; see docs/methods.md)
+    embed_dim: int = at_least(128, 1)  # OUT_FEAT_DIM
+    decoder_dim: int = at_least(128, 1)  # ref 256 (DECODER_CH)
+    low_level_dim: int = at_least(48, 1)
+    fuse_convs: int = at_least(0, 0)  # separable 3×3 convs after the concatenation (ref 2; see docs/methods.md)
     decoder_norm: str = "gn"  # gn | bn (ref SyncBN)
     train_stride: int = 2  # pixels per cell of the map the loss sees; ref 1 (input resolution)
     eval_stride: int = 4  # pixels per cell of dense_features; ref 1
-    n_prototypes: int = 128  # ref 128 (COCO DeepLab), 27 (FPN)
+    n_prototypes: int = at_least(128, 2)  # ref 128 (COCO DeepLab), 27 (FPN)
     pooling: str = "representative"  # representative (ref COCO DeepLab) | mean (ref FPN)
     # ---- loss
-    temperature: float = 0.1
-    epsilon: float = 0.02  # ref 0.05 (docs/methods.md, "From random init")
-    sinkhorn_iters: int = 3
-    hard_assignment_iters: int = 0  # one-hot (argmax) codes for the first N iterations (temp_hard_assignment_iters)
-    coherence_weight: float = 1.0
-    swav_weight: float = 1.0
+    temperature: float = positive(0.1)
+    epsilon: float = positive(0.02)  # ref 0.05 (docs/methods.md, "From random init")
+    sinkhorn_iters: int = at_least(3, 1)
+    hard_assignment_iters: int = at_least(0, 0)  # one-hot (argmax) codes for the first N iterations (temp_hard_assignment_iters)
+    coherence_weight: float = at_least(1.0, 0)
+    swav_weight: float = at_least(1.0, 0)
     # ---- prototypes and queue
-    freeze_prototypes_iters: int = 313  # ref 313: longer than the CPU default run, so its prototypes stay fixed
-    queue_length: int = 3072  # global, split over workers; ref 160000; 0 disables
-    queue_start_iter: int = 5  # ref 313
+    freeze_prototypes_iters: int = at_least(313, 0)  # ref 313: longer than the CPU default run, so its prototypes stay fixed
+    queue_length: int = at_least(3072, 0)  # global, split over workers; ref 160000; 0 disables
+    queue_start_iter: int = at_least(5, 0)  # ref 313
 
     def validate(self, where: str) -> None:
         if self.pooling not in ("representative", "mean"):

@@ -57,6 +57,21 @@ def test_bench_run_end_to_end_then_resume_skips_everything(tmp_path, monkeypatch
     assert arts == ["checkpoint/final.pt"]
     table = client.load_table(exp.experiment_id, "leaderboard.json", run_ids=[parent.info.run_id])
     assert set(table["method"]) == {"dino", "random-init"}
+    # issue 17: every run says which recipe it ran; the synthetic default is `cpu`; the diff is logged
+    from bench import recipes
+
+    cpu_hash = recipes.builtin("dino")["cpu"].hash()
+    for r in runs:
+        assert r.data.tags["recipe"] == "cpu" and r.data.tags["recipe_changes"] != "0"
+        if r.data.tags.get("method") == "dino":
+            assert r.data.tags["recipe_hash"] == cpu_hash
+    assert set(table["recipe"]) == {"cpu"} and "recipe" in md
+    diff = client.download_artifacts(pre.info.run_id, "recipe_diff.json", str(tmp_path))
+    import json
+
+    rec = json.load(open(diff))
+    assert rec["recipe"] == "cpu" and {"key": "methods.dino.n_local", "value": 2, "paper": 8} in rec["differs_from_paper"]
+    assert "recipe_diff.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
     # `bench leaderboard` reprints the same numbers from MLflow
     assert main(["leaderboard", "--run-id", "e2e"]) == 0

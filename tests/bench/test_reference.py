@@ -68,9 +68,9 @@ def test_croc_paper_rows_reproduce_the_slides_average_column(refs):
         assert round(sum(cells) / 3, 1) == avg, (label, cells)
 
 
-def _row(task, dataset, protocol, method="croc", **metrics):
+def _row(task, dataset, protocol, method="croc", recipe="paper", **metrics):
     return Row(method=method, task=task, metrics=metrics, primary="miou" if task != "det" else "bbox_AP",
-               dataset=dataset, backbone="vit_small_p16", protocol=protocol)
+               dataset=dataset, backbone="vit_small_p16", protocol=protocol, recipe=recipe)
 
 
 def test_matching_needs_same_dataset_and_protocol(refs):
@@ -185,14 +185,15 @@ def test_render_never_highlights_a_reference_as_best(refs):
     assert "[1] CrOC CVPR 2023 slides" in plain  # sources as numbered notes under the table
 
 
-def _store(tmp_path, dataset="voc12", protocol="linseg[leopart]: frozen features ..."):
+def _store(tmp_path, dataset="voc12", protocol="linseg[leopart]: frozen features ...", recipe="paper"):
     from bench.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns.db'}", "bench")
     for method, miou in (("croc", 40.0), ("random-init", 10.0)):
         rid = tracker.start_run(f"eval-{method}-linseg", {
             "bench.kind": "eval", "bench.run_id": "r1", "method": method, "task": "linseg", "dataset": dataset,
-            "backbone": "vit_small_p16", "bench.primary": "miou", "bench.protocol": protocol})
+            "backbone": "vit_small_p16", "bench.primary": "miou", "bench.protocol": protocol, "recipe": recipe,
+            "recipe_changes": "0"})
         tracker.log_metrics(rid, {"linseg/miou": miou, "linseg/pixel_acc": 70.0})
         tracker.finish(rid)
     return f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -229,3 +230,25 @@ def test_cli_leaderboard_with_reference_when_nothing_matches(tmp_path, capsys):
     assert main(["leaderboard", "--tracking-uri", uri, "--reference", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --reference") and "file not found" in err and "\n" not in err
+
+
+def test_cli_with_reference_only_beside_paper_rows(tmp_path, capsys, monkeypatch):
+    """Rows of another recipe get no published neighbours and are marked not comparable (issue 17)."""
+    from bench.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    uri = _store(tmp_path, recipe="cpu")
+    assert main(["leaderboard", "--tracking-uri", uri, "--with-reference", "--export", "--results-dir",
+                 str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "ref: CrOC" not in out and "not comparable (recipe cpu)" in out and "no row ran a `paper` recipe" in out
+    csv = (tmp_path / "out" / "leaderboard-bench.csv").read_text()
+    assert "recipe" in csv.splitlines()[0] and ",cpu," in csv
+
+
+def test_paper_row_with_changed_values_is_not_comparable(refs):
+    lin = "linseg[leopart]: frozen features ..."
+    changed = _row("linseg", "voc12", lin, recipe="paper (2 changed)", miou=40.0)
+    assert reference.matching_rows([changed], refs) == []
+    assert reference.matching_rows([_row("linseg", "voc12", lin, miou=40.0)], refs)
+    assert reference.mark_comparability([changed])[0].extra["comparable"].startswith("not comparable")
