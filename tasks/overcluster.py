@@ -134,11 +134,15 @@ def evaluate_overcluster(val_feats, val_masks, fit, data, cfg, seeds: int, devic
     last = cfg.ks[-1] if cfg.ks == sorted(cfg.ks) else max(cfg.ks)
     metrics = {"miou": metrics[f"miou_k{last}"], **metrics}
     per_class["iou"] = per_class[f"iou_k{last}"]
-    n_fit = len(fit_feats)
-    protocol = (f"cluster[overcluster]: frozen features, standard scaling + PCA to {proj.dim}, faiss k-means "
-                f"({cfg.iters} iters, best of {cfg.n_init}) K={','.join(str(k) for k in cfg.ks)} fitted on "
-                f"{'train' if fit is not None else 'val'} tokens ({n_fit} images"
-                f"{', void excluded' if cfg.exclude_void else ''}), {seeds} seeds (mean), input "
-                f"{cfg.input_size or 'native'}, nearest upsampling to {cfg.mask_size or 'native'} masks, many-to-one "
-                f"matching by precision, mIoU over {C} classes (zero-fill); miou = K={last}")
+    protocol = protocol_line(cfg, proj.dim, fit is not None, len(fit_feats), seeds, C, last)
     return TaskResult(metrics=metrics, per_class=per_class, protocol=protocol)
+
+
+def protocol_line(cfg, pca_dim: int, on_train: bool, n_fit: int, seeds: int, num_classes: int, last: int) -> str:
+    """The leaderboard's protocol line; results/reference.yaml matches on its head and substrings."""
+    return (f"cluster[overcluster]: frozen features, standard scaling + PCA to {pca_dim}, faiss k-means "
+            f"({cfg.iters} iters, best of {cfg.n_init}) K={','.join(str(k) for k in cfg.ks)} fitted on "
+            f"{'train' if on_train else 'val'} tokens ({n_fit} images{', void excluded' if cfg.exclude_void else ''}), "
+            f"{seeds} seeds (mean), input {cfg.input_size or 'native'}, nearest upsampling to "
+            f"{cfg.mask_size or 'native'} masks, many-to-one matching by precision, mIoU over {num_classes} classes "
+            f"(zero-fill); miou = K={last}")

@@ -4,8 +4,10 @@ Semi-supervised: the first frame's object masks are given and propagated through
 affinity (tasks/propagation.py: the first frame plus the last ``n_last_frames`` = 7, spatial window of radius
 ``neighbourhood`` = 12 tokens, top-5, temperature 0.1).
 
-1. Frames are resized so the short side is ``short_side`` (480 for DAVIS; 0 = native), each side then rounded
-   down to a multiple of the backbone's stride (as DINO's ``read_frame``). Features D×h×w per frame.
+1. Frames are resized so the short side is ``short_side`` (480 for DAVIS; 0 = native) and the long side is
+   floored to a multiple of 64 (DINO's ``read_frame``: 854×480 -> 832×480), then to a multiple of the backbone's
+   stride. ImageNet mean/std normalisation (DINO's frame reader uses std 0.228 for red, a 0.4 % difference).
+   Features D×h×w per frame.
 2. The first annotation is nearest-resized to the resized frame, then to the token grid, one-hot over
    background + N objects (void counts as background there).
 3. Each propagated map is bilinearly upsampled to the resized frame, every channel min-max rescaled, argmax,
@@ -90,9 +92,22 @@ def video_data(data: EvalData) -> tuple[str, object]:
 
 
 def _resized_size(h: int, w: int, short: int, stride: int) -> tuple[int, int]:
+    """DINO's ``read_frame`` sizes: short side ``short``, long side scaled and floored to a multiple of 64;
+    then (and for native frames, ``short=0``) both sides floored to a multiple of the backbone stride."""
     if short:
-        h, w = (short, int(w * short / h)) if h <= w else (int(h * short / w), short)
+        if h <= w:
+            h, w = short, int((short * w / h) // 64 * 64)
+        else:
+            h, w = int((short * h / w) // 64 * 64), short
     return max(stride, h - h % stride), max(stride, w - w % stride)
+
+
+def protocol_line(cfg: VosConfig, n_objects: int, n_clips: int, dataset: str) -> str:
+    """The leaderboard's protocol line; results/reference.yaml matches on its head and substrings."""
+    return (f"vos[{cfg.preset}]: label propagation, first + last {cfg.n_last_frames} frames, neighbourhood "
+            f"{cfg.neighbourhood}, top-{cfg.topk}, temperature {cfg.temperature}, short side "
+            f"{cfg.short_side or 'native'}, J&F (DAVIS-2017, boundary tolerance {cfg.bound_th}, first and last "
+            f"frames excluded) over {n_objects} objects, {n_clips} {dataset} val clips")
 
 
 @TASKS.register("vos")
@@ -122,10 +137,7 @@ class VideoSegmentation(Task):
         j, f = 100.0 * float(np.mean(j_obj)), 100.0 * float(np.mean(f_obj))
         metrics = {"jf": (j + f) / 2, "j_mean": j, "f_mean": f, "j_recall": 100.0 * float(np.mean(j_rec)),
                    "f_recall": 100.0 * float(np.mean(f_rec))}
-        protocol = (f"vos[{cfg.preset}]: label propagation, first + last {cfg.n_last_frames} frames, neighbourhood "
-                    f"{cfg.neighbourhood}, top-{cfg.topk}, temperature {cfg.temperature}, short side "
-                    f"{cfg.short_side or 'native'}, J&F (DAVIS-2017, boundary tolerance {cfg.bound_th}, first and "
-                    f"last frames excluded) over {len(j_obj)} objects, {n} {name} val clips")
+        protocol = protocol_line(cfg, len(j_obj), n, name)
         return TaskResult(metrics=metrics, protocol=protocol,
                           per_class={"j_per_object": [100.0 * float(x) for x in j_obj],
                                      "f_per_object": [100.0 * float(x) for x in f_obj]})
