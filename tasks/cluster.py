@@ -4,9 +4,9 @@
    e.g. 320×320 centre crops for ``coco_stuff27`` / ``cityscapes27``), optionally L2-normalised (PiCIE's cosine).
 2. K-means with K = number of classes (``k``; K > classes = overclustering) on the token features, ``seeds``
    restarts (each its own k-means++ init and token subsample), reported as mean ± std (≥ 5 on real data, as the
-   protocol asks; 3 on the synthetic default to stay fast). Centroids are fitted on the evaluation images
-   (``fit_on=val``, labels unused except that tokens on void labels are left out, protocols.md §2.9) or on the
-   train split (``fit_on=train``, PiCIE's final evaluation).
+   protocol asks; 3 on the synthetic default to stay fast). Centroids are fitted on the train split's tokens
+   (``fit_on=train``, the default: PiCIE's final evaluation fits on train images, issue 17) or on the evaluation
+   images (``fit_on=val``, labels unused except that tokens on void labels are left out, protocols.md §2.9).
 3. Every pixel at label resolution gets the cluster with the highest score ``2 f·c − ‖c‖²`` (= nearest centroid),
    the scores bilinearly upsampled from the token grid (``upsample=bilinear``; PiCIE's logit upsampling, which is
    the same as upsampling the features, the score being linear in f), or the token assignment nearest-upsampled
@@ -23,19 +23,22 @@ scikit-learn, on a ≤ max(50k, 1024·K)-point sample) and Lloyd iterations on a
 a GPU) until the centroid shift is below ``tol`` × the mean feature variance (at most ``iters``).
 
 Deviations: PiCIE fits faiss K-means then mini-batch updates on the curated *train* images; this is plain
-batch K-means on (a ≤ ``max_fit_points`` subsample of) the evaluation tokens by default, which the spec's
-harness recommendation (§2.5) allows and the protocol line records. Leopart's variant (StandardScaler + PCA to
-50 dims, faiss nredo 5, 100 iterations) is not built in; ``n_init=5 iters=100 upsample=nearest`` comes closest.
+batch K-means on (a ≤ ``max_fit_points`` subsample of) at most ``max_fit_images`` train images' tokens, which
+the protocol line records. ``preset=overcluster`` is Leopart's overclustering instead (tasks/overcluster.py:
+standard scaling, PCA to 50, faiss k-means, K = 100, 300, 500, one ``miou_k<K>`` metric each).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
@@ -48,25 +51,51 @@ from tasks.metrics import confusion_matrix, iou_per_class, match_clusters, remap
 # --------------------------------------------------------------------------------------------- task
 
 
+PRESETS = {
+    # PiCIE / STEGO style (protocols.md §2): K = classes, Hungarian, centroids fitted on train tokens (issue 17)
+    "default": dict(fit_on="train", normalize=True, iters=30, n_init=1, upsample="bilinear", exclude_void=True,
+                    ks=[], input_size=0, mask_size=0),
+    # Leopart / NeCo overclustering (protocols.md §7.2): 448-px square inputs, standard scaling + PCA to 50,
+    # faiss k-means (100 iterations, best of 5) for K = 100, 300, 500 on all val tokens, nearest upsampling of
+    # the token assignment to 100×100 masks, many-to-one matching by precision, zero-fill over the classes
+    "overcluster": dict(fit_on="val", normalize=False, iters=100, n_init=5, upsample="nearest", exclude_void=False,
+                        ks=[100, 300, 500], input_size=448, mask_size=100),
+}
+
+
 @dataclass
 class ClusterConfig:
-    k: int = at_least(0, 0)  # clusters; 0 = the number of classes; more = overclustering
+    preset: str = "default"  # default | overcluster; unset (None) fields below take the preset's value
+    k: int = at_least(0, 0)  # clusters; 0 = the number of classes; more = overclustering (default preset)
+    ks: Optional[list] = None  # overcluster preset: one K-means per K, one metric each (miou_k100, ...)
     match: str = "auto"  # auto (hungarian when k = classes, majority when k > classes) | hungarian | majority
     seeds: int = at_least(0, 0)  # k-means restarts, reported as mean ± std; 0 = 5 on real data (protocol), 3 on synthetic
-    fit_on: str = "val"  # val: centroids from the evaluation images' features | train: from the train split
+    fit_on: Optional[str] = None  # train: centroids from train-split tokens (default) | val: from the eval images
     max_fit_images: int = at_least(5000, 0)  # fit_on=train: at most this many random train images (0 = all)
     max_fit_points: int = at_least(1_000_000, 0)  # random token subsample per seed for fitting (0 = all)
-    exclude_void: bool = True  # leave tokens whose label is ignore (255) out of the fit
-    normalize: bool = True  # L2-normalise features (cosine, PiCIE)
-    iters: int = at_least(30, 1)  # max Lloyd iterations per seed, fewer once converged (PiCIE faiss: 20, Leopart: 100)
-    n_init: int = at_least(1, 1)  # k-means runs per seed, the lowest inertia kept (Leopart's faiss nredo: 5)
-    upsample: str = "bilinear"  # bilinear (cluster scores to label resolution) | nearest (token map)
+    exclude_void: Optional[bool] = None  # leave tokens whose label is ignore (255) out of the fit
+    normalize: Optional[bool] = None  # L2-normalise features (cosine, PiCIE)
+    iters: Optional[int] = None  # max Lloyd iterations per seed (PiCIE faiss: 20, Leopart: 100)
+    n_init: Optional[int] = None  # k-means runs per seed, the lowest inertia kept (Leopart's faiss nredo: 5)
+    upsample: Optional[str] = None  # bilinear (cluster scores to label resolution) | nearest (token map)
+    input_size: Optional[int] = None  # square resize of the images (0 = the dataset's resolution)
+    mask_size: Optional[int] = None  # overcluster: labels nearest-resized to this square side (0 = native)
+    pca_dim: int = at_least(50, 1)  # overcluster: PCA dimensions after standard scaling
     batch_size: int = at_least(32, 1)
     seed: int = at_least(0, 0)
 
     def validate(self, where: str) -> None:
+        if self.preset not in PRESETS:
+            raise BenchError(f"{where}.preset: unknown preset '{self.preset}'; valid: {', '.join(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, list(value) if isinstance(value, list) else value)
         if self.k < 0 or self.seeds < 0 or self.iters < 1 or self.batch_size < 1 or self.n_init < 1:
             raise BenchError(f"{where}: k and seeds must be >= 0, iters, n_init and batch_size >= 1")
+        if self.input_size < 0 or self.mask_size < 0 or self.pca_dim < 1:
+            raise BenchError(f"{where}: input_size and mask_size must be >= 0, pca_dim >= 1")
+        if self.preset == "overcluster" and (not self.ks or not all(isinstance(k, int) and k > 0 for k in self.ks)):
+            raise BenchError(f"{where}.ks: expected a non-empty list of positive cluster counts, got {self.ks}")
         choices = {"match": ("auto", "hungarian", "majority"), "fit_on": ("val", "train"),
                    "upsample": ("bilinear", "nearest")}
         for key, valid in choices.items():
@@ -80,9 +109,13 @@ def _normalize_images(img: torch.Tensor) -> torch.Tensor:
     return (img.float() / 255.0 - mean) / std
 
 
+normalize_images = _normalize_images  # uint8 B×3×H×W -> ImageNet-normalised float (shared with hbird, vos)
+
+
 def _extract(features: FeatureFn, dataset, indices: list[int], batch_size: int, normalize: bool,
-             device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per image: token features D×h×w (fp16, CPU) and the mask H×W (uint8, CPU; 255 = ignore)."""
+             device: torch.device, size: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image: token features D×h×w (fp16, CPU) and the mask H×W (uint8, CPU; 255 = ignore); ``size`` > 0
+    square-resizes image (bilinear) and mask (nearest) first, as Leopart's evaluation transform."""
     feats, masks = [], []
     buf_i, buf_m = [], []
 
@@ -98,10 +131,14 @@ def _extract(features: FeatureFn, dataset, indices: list[int], batch_size: int, 
 
     for i in indices:
         item = dataset[i]
-        if buf_i and item["image"].shape != buf_i[0].shape:  # images of different sizes: flush, no padding
+        image, mask = item["image"], item["mask"]
+        if size and tuple(image.shape[-2:]) != (size, size):
+            image = TF.resize(image, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            mask = TF.resize(mask[None], [size, size], interpolation=v2.InterpolationMode.NEAREST)[0]
+        if buf_i and image.shape != buf_i[0].shape:  # images of different sizes: flush, no padding
             flush()
-        buf_i.append(item["image"])
-        buf_m.append(item["mask"].clamp(0, 255).to(torch.uint8))
+        buf_i.append(image)
+        buf_m.append(mask.clamp(0, 255).to(torch.uint8))
         if len(buf_i) == batch_size:
             flush()
     if buf_i:
@@ -153,15 +190,23 @@ class Clustering(Task):
         seeds = cfg.seeds or (3 if data.name == "synthetic" else 5)
 
         val_feats, val_masks = _extract(features, data.val, list(range(len(data.val))), cfg.batch_size,
-                                        cfg.normalize, device)
+                                        cfg.normalize, device, cfg.input_size)
+        if cfg.preset == "overcluster":
+            from tasks.overcluster import evaluate_overcluster
+
+            fit = None
+            if cfg.fit_on == "train":
+                fit = _extract(features, data.train, self._train_indices(data), cfg.batch_size, cfg.normalize,
+                               device, cfg.input_size)
+            return evaluate_overcluster(val_feats, val_masks, fit, data, cfg, seeds, device)
         if cfg.fit_on == "val":
             points = _token_points(val_feats, val_masks, cfg.exclude_void)
             fit_desc = f"val tokens ({len(data.val)} images)"
         else:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            n = len(data.train) if not cfg.max_fit_images else min(cfg.max_fit_images, len(data.train))
-            idx = sorted(torch.randperm(len(data.train), generator=gen)[:n].tolist())
-            tr_feats, tr_masks = _extract(features, data.train, idx, cfg.batch_size, cfg.normalize, device)
+            idx = self._train_indices(data)
+            n = len(idx)
+            tr_feats, tr_masks = _extract(features, data.train, idx, cfg.batch_size, cfg.normalize, device,
+                                          cfg.input_size)
             points = _token_points(tr_feats, tr_masks, cfg.exclude_void)
             del tr_feats, tr_masks
             fit_desc = f"train tokens ({n} images)"
@@ -205,6 +250,13 @@ class Clustering(Task):
                                      "pixel_acc_per_seed": [float(v) for v in accs],
                                      "inertia_per_point": [float(v) for v in inertias],
                                      "mapping_seed0": [int(v) for v in mappings[0]]})
+
+    def _train_indices(self, data: EvalData) -> list[int]:
+        """At most ``max_fit_images`` random train images (seeded), in dataset order."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n = len(data.train) if not cfg.max_fit_images else min(cfg.max_fit_images, len(data.train))
+        return sorted(torch.randperm(len(data.train), generator=gen)[:n].tolist())
 
     @staticmethod
     def _confusion(feats, masks, centroids, C, K, cfg, device) -> torch.Tensor:

@@ -46,6 +46,10 @@ PRESETS = {
                         batch_size=60, augment=True, standardize=False),
     "leopart_mocov3": dict(input_size=448, train_mask_size=100, eval_mask_size=448, epochs=25, drop_at=20, lr=1.0,
                            batch_size=60, augment=True, standardize=False),
+    # ADE20K (data.ade20k, 150 classes, reduce_zero_label), the Leopart / NeCo linear family as NeCo and CrIBo
+    # report it there (protocols.md §7.4); not comparable with DINOv2's BNHead or DINOv3's AdamW probes
+    "leopart_ade20k": dict(input_size=448, train_mask_size=100, eval_mask_size=448, epochs=25, drop_at=20, lr=0.01,
+                           batch_size=60, augment=True, standardize=False),
 }
 
 

@@ -94,3 +94,78 @@ def summarize(conf) -> dict:
     iou = iou_per_class(conf)
     return {"miou": 100.0 * mean_iou(conf), "pixel_acc": 100.0 * pixel_accuracy(conf),
             "per_class_iou": [float(100.0 * v) for v in iou]}
+
+
+# ------------------------------------------------------------------------ overclustering (protocols.md §7.2)
+
+def overcluster_miou(conf, num_classes: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """classes × K confusion -> (mIoU in [0, 1], per-class IoU, mapping[cluster] = class).
+
+    Many-to-one by precision: each cluster goes to the class holding most of its pixels (the class that
+    maximises the cluster's precision; Leopart's ``many_to_one=True, precision_based=True``); the merged
+    classes × classes matrix is scored per class and the mean is over all ``num_classes`` classes, a class
+    no cluster was assigned to (or absent altogether) counting as 0 (zero-fill, as Leopart's ``PredsmIoU``).
+    """
+    mapping = majority_vote_match(conf)
+    merged = remap_confusion(conf, mapping, num_classes)
+    iou = np.nan_to_num(iou_per_class(merged), nan=0.0)
+    return float(iou.mean()), iou, mapping
+
+
+# ------------------------------------------------------------- DAVIS region and boundary measures (J, F)
+
+def region_j(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> float:
+    """J: IoU of two H×W boolean masks, void pixels left out; both empty counts as 1 (DAVIS convention)."""
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    if void is not None:
+        pred, gt = pred & ~void, gt & ~void
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """H×W bool -> H×W bool boundary: a pixel whose right, lower or lower-right neighbour differs from it
+    (the last row compares only to the right, the last column only downwards; DAVIS ``seg2bmap`` for masks
+    already at the evaluation size)."""
+    m = mask.astype(bool)
+    right = np.zeros_like(m)
+    down = np.zeros_like(m)
+    diag = np.zeros_like(m)
+    right[:, :-1] = m[:, 1:]
+    down[:-1, :] = m[1:, :]
+    diag[:-1, :-1] = m[1:, 1:]
+    b = (m ^ right) | (m ^ down) | (m ^ diag)
+    b[-1, :] = m[-1, :] ^ right[-1, :]
+    b[:, -1] = m[:, -1] ^ down[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (yy * yy + xx * xx) <= radius * radius
+
+
+def boundary_f(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None, bound_th: float = 0.008) -> float:
+    """F: boundary F-measure of two H×W masks. Boundary pixels match when within ``bound_th`` × the image
+    diagonal (rounded up; a value >= 1 is taken as pixels), by dilating the other boundary with a disk.
+    Both boundaries empty -> 1; exactly one empty -> 0 (DAVIS ``db_eval_boundary``)."""
+    from scipy.ndimage import binary_dilation
+
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    if void is not None:
+        pred, gt = pred & ~void, gt & ~void
+    h, w = gt.shape
+    radius = int(bound_th if bound_th >= 1 else np.ceil(bound_th * np.hypot(h, w)))
+    bp, bg = boundary_map(pred), boundary_map(gt)
+    disk = _disk(radius)
+    bp_dil = binary_dilation(bp, structure=disk) if radius > 0 else bp
+    bg_dil = binary_dilation(bg, structure=disk) if radius > 0 else bg
+    n_p, n_g = int(bp.sum()), int(bg.sum())
+    if n_p == 0 and n_g == 0:
+        return 1.0
+    if n_p == 0 or n_g == 0:
+        return 0.0
+    precision = float((bp & bg_dil).sum()) / n_p
+    recall = float((bg & bp_dil).sum()) / n_g
+    return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)

@@ -87,6 +87,17 @@ def _colour(rng: np.random.Generator, saturation: float = 1.0, tones: float = 1.
     return grey + np.float32(saturation) * (rgb - grey)
 
 
+def thing_mask(kind: str, s: float, cy: float, cx: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """H×W bool mask of a thing of side / diameter ``s`` pixels centred at (cy, cx) (also the video scenes')."""
+    if kind == "disk":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= (s / 2) ** 2
+    if kind == "square":
+        return (np.abs(yy - cy) <= s / 2) & (np.abs(xx - cx) <= s / 2)
+    top, bottom = cy - s / 2, cy + s / 2  # upright triangle
+    half = (yy - top) / s * (s / 2)
+    return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
+
+
 def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation: float = 0.0,
                  tones: float = 0.0) -> dict:
     """One scene: ``image`` H×W×3 uint8, ``mask`` H×W int64 class ids, ``instances`` list."""
@@ -113,14 +124,7 @@ def render_scene(seed: int, size: int, regions=(2, 4), things=(1, 3), saturation
         k = int(rng.integers(len(THINGS)))
         s = rng.uniform(0.16, 0.38) * size
         cy, cx = rng.uniform(s / 2, size - s / 2, size=2)
-        if THINGS[k] == "disk":
-            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= (s / 2) ** 2
-        elif THINGS[k] == "square":
-            m = (np.abs(yy - cy) <= s / 2) & (np.abs(xx - cx) <= s / 2)
-        else:  # upright triangle
-            top, bottom = cy - s / 2, cy + s / 2
-            half = (yy - top) / s * (s / 2)
-            m = (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
+        m = thing_mask(THINGS[k], s, cy, cx, yy, xx)
         # later things occlude earlier ones: their visible masks shrink
         for inst in instances:
             inst["mask"] &= ~m

@@ -31,7 +31,10 @@ def test_shipped_file_names_real_tasks_metrics_datasets_and_protocols(refs):
     import importlib
 
     assert len(refs) >= 40
-    metric_names = {"linseg": {"miou", "pixel_acc"}, "cluster": {"miou", "pixel_acc"},
+    metric_names = {"linseg": {"miou", "pixel_acc"},
+                    "cluster": {"miou", "pixel_acc"} | {f"miou_k{k}" for k in (100, 300, 500)},
+                    "hbird": {"miou", "miou_std", "pixel_acc"},
+                    "vos": {"jf", "j_mean", "f_mean", "j_recall", "f_recall"},
                     "det": {f"{kind}_{s}" for kind in ("bbox", "segm") for s in importlib.import_module("tasks.det").STAT_NAMES}}
     for r in refs:
         assert r.task in TASKS.names(), r
