@@ -36,6 +36,8 @@ class RunSection:
     storage: str = "bench_runs"  # checkpoints and per-run state; a shared path on a cluster
     address: str = ""  # Ray address; "" starts a local Ray, "auto" joins a running cluster
     seed: int = 0
+    seeds: list = field(default_factory=list)  # pretraining seeds (each method once per seed); empty = [seed]
+    cache: bool = True  # reuse finished pretrainings / evaluations with the same key (bench.cache); false recomputes
     baseline: bool = True  # add the untrained backbone as a `random-init` row
     results_dir: str = "results"
 
