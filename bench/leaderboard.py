@@ -122,7 +122,8 @@ def _lines(table: list[Row]) -> list[tuple[str, dict]]:
 
 def _varying(table: list[Row]) -> list[tuple[str, str]]:
     measured = [r for r in table if not is_reference(r)]
-    return [(a, h) for a, h in KEY_COLUMNS if len({getattr(r, a) for r in measured}) > 1]
+    return [(a, h) for a, h in KEY_COLUMNS
+            if len({getattr(r, a) for r in measured if not (a == "pretrain_dataset" and is_baseline(r.method))}) > 1]
 
 
 def _constant(table: list[Row]) -> str:

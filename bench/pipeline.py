@@ -20,7 +20,7 @@ import time
 
 from bench import checkpoint as ckpt
 from bench.board import BASELINE, Row, baseline_label
-from bench.cache import Cache, code_version, digest, eval_key, pretrain_key
+from bench.cache import Cache, code_version, digest, eval_key, link_or_copy, pretrain_key
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
 from bench.fitting import concurrency, follow, start_fit
@@ -79,6 +79,18 @@ class Pipeline:
             user.setdefault("backbone", {})["init"] = self.cfg.backbone.init  # absolute, as resolved
         return {"user": user, "resolved": self._cfg(seed).as_dict(), "seed": seed}
 
+    def _ray(self):
+        """Ray, started (or joined) on first use: a run whose cells are all cached never starts it."""
+        import ray
+
+        if not ray.is_initialized():
+            from bench.raycluster import init_ray
+
+            t = time.perf_counter()
+            init_ray(self.cfg.run.address)
+            self.timings.add("ray_start", time.perf_counter() - t)
+        return ray
+
     def _offline(self, reason: str) -> None:
         self.console.print(f"[yellow]MLflow store {self.tracker.uri} cannot be written ({reason}); the run goes on "
                            f"and keeps its results in {self.run_dir}[/yellow]")
@@ -104,11 +116,6 @@ class Pipeline:
         self.console.print(f"[bold]bench run[/bold] {self.run_id}: methods {', '.join(c.run.methods)} · tasks "
                            f"{', '.join(c.run.tasks)} · data {c.run.pretrain_dataset()} → {c.run.eval_dataset()} · "
                            f"backbone {c.backbone.name}{seeds}")
-        t = time.perf_counter()
-        from bench.raycluster import init_ray
-
-        init_ray(c.run.address)
-        self.timings.add("ray_start", time.perf_counter() - t)
         self.pretrain_all()
         rows: list[Row] = []
         evaluated = list(c.run.methods) + ([BASELINE] if c.run.baseline else [])
@@ -157,6 +164,8 @@ class Pipeline:
                 self._log_pretrain(job, 0.0)
             else:
                 todo.append(job)
+        if todo:
+            self._ray()
         k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
         for i in range(0, len(todo), k):
             self._fit_many(todo[i:i + k], k)
@@ -172,8 +181,6 @@ class Pipeline:
         if not os.path.exists(final):
             job.hit = self.cache.lookup_pretrain(job.key)
             if job.hit:
-                from bench.cache import link_or_copy
-
                 link_or_copy(job.hit["final"], final)
                 ckpt.save_json(job.hit.get("summary", {}), os.path.join(job.out_dir, "pretrain_summary.json"))
                 ckpt.save_json({k: job.hit.get(k) for k in ("run_id", "mlflow_run", "final")},
@@ -200,8 +207,7 @@ class Pipeline:
         return method if len(self.seeds) == 1 else f"{method} seed {seed}"
 
     def _fit_many(self, jobs: list[Job], k: int) -> None:
-        import ray
-
+        ray = self._ray()
         started = []
         avail = int(ray.available_resources().get("CPU", 1))
         for job in jobs:
@@ -276,8 +282,6 @@ class Pipeline:
                 "backbone": self._backbone_key()}
 
     def evaluate(self, method: str, seed: int | None = None) -> list[Row]:
-        import ray
-
         from bench.config import build as build_cfg
         from bench.evaluate import evaluate_method, protocol_record
 
@@ -302,6 +306,10 @@ class Pipeline:
             hit = self.cache.lookup_eval(keys[task])
             if hit:
                 self.cache.restore_eval(hit, out_dir, task)
+                for name in ("features_pca.png", "features_pca.npz"):  # the same model's picture
+                    src = os.path.join(os.path.dirname(hit["result"]), name)
+                    if os.path.exists(src) and not os.path.exists(os.path.join(out_dir, name)):
+                        link_or_copy(src, os.path.join(out_dir, name))
                 self.reused["eval"] += 1
                 self.console.print(f"  {self._label(method)}{'' if len(self.seeds) == 1 else f' seed {seed}'}: "
                                    f"{task} reused from run {hit.get('run_id')} (same checkpoint, protocol, data, code)")
@@ -309,6 +317,7 @@ class Pipeline:
                 pending.append(task)
         t0 = time.perf_counter()
         if pending:
+            ray = self._ray()
             use_gpu = c.pretrain.gpu
             cpus = _largest_node_cpus()
             remote = ray.remote(num_cpus=cpus if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(evaluate_method)
@@ -397,8 +406,7 @@ class Pipeline:
         """PCA-to-RGB picture of the method's dense features (bench.figures), drawn where evaluations run."""
         if os.path.exists(os.path.join(out_dir, "features_pca.png")):
             return
-        import ray
-
+        ray = self._ray()
         from bench.figures import method_feature_figure
 
         use_gpu = self.cfg.pretrain.gpu
