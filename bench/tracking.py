@@ -136,6 +136,8 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic", "sqlalchemy"):  # after the import, which sets its own levels
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self.uri = resolve_uri(uri)
         self.offline = ""
         self.on_offline = on_offline
@@ -202,8 +204,14 @@ class Tracker:
                 return None
 
     def _go_offline(self, exc: BaseException) -> None:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        self.offline = f"{type(exc).__name__}: {first}"
+        root = exc
+        for _ in range(10):  # the innermost cause says what happened (MLflow and SQLAlchemy wrap it)
+            nxt = root.__cause__ or root.__context__
+            if nxt is None or nxt is root:
+                break
+            root = nxt
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
+        self.offline = f"{type(root).__name__}: {first}"
         if self.on_offline:
             self.on_offline(self.offline)
 
