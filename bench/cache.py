@@ -125,7 +125,10 @@ class Cache:
             except (OSError, ValueError, KeyError):
                 pass
         sha = file_sha256(final)
-        ckpt.save_json({"stat": stat, "sha256": sha}, side)
+        try:
+            ckpt.save_json({"stat": stat, "sha256": sha}, side)
+        except OSError:  # a read-only folder (an --init checkpoint somewhere shared): hash again next time
+            pass
         return sha
 
     # ---- pretraining
