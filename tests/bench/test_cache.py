@@ -3,8 +3,6 @@ or checkpoint; nothing stale."""
 
 import os
 
-import pytest
-
 from bench.cache import Cache, code_version, eval_key, pretrain_key
 
 
@@ -101,28 +99,3 @@ def test_eval_hit_restores_result_and_per_image_file(tmp_path):
     assert (tmp_path / "b" / "eval_linseg_per_image.npz").read_bytes() == b"npz"
     os.remove(src / "eval_linseg_per_image.npz")
     assert cache.lookup_eval("k1") is None  # its per-image file is gone: recompute
-
-
-@pytest.mark.parametrize("task", ["linseg", "cluster"])
-def test_tasks_save_per_image_confusions_that_sum_to_the_reported_miou(task):
-    import torch
-
-    from bench.config import build
-    from bench.evaluate import load_eval_data
-    from bench.registry import TASKS
-    from bench.significance import miou_batch
-
-    data = load_eval_data("synthetic", {"num_train": 16, "num_val": 6})
-    torch.manual_seed(0)
-    proj = torch.randn(8, 3, 1, 1)
-
-    def feats(x):  # a fixed, crude dense feature: 8 channels on a 12×12 grid
-        return torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.conv2d(x, proj), 12)
-
-    cls = TASKS.get(task)
-    settings = {"epochs": 2, "drop_at": 1} if task == "linseg" else {"seeds": 2, "iters": 5}
-    res = cls(build(cls.config_class, settings, f"tasks.{task}")).evaluate(feats, data, torch.device("cpu"))
-    conf = res.per_image["confusion"]
-    assert conf.shape[0] == len(data.val)
-    seeds = conf if conf.ndim == 4 else conf[:, None]
-    assert miou_batch(seeds.sum(0)).mean() == pytest.approx(res.metrics["miou"], abs=1e-6)

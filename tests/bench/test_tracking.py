@@ -61,7 +61,14 @@ def _broken(tracker, how, path):
         tracker.client.set_terminated = full
 
 
-@pytest.mark.parametrize("how", ["removed", "full"])
+FAULTS = ["removed", "full"]  # "locked": its own test below
+
+
+def test_fault_list_is_not_empty():
+    assert FAULTS
+
+
+@pytest.mark.parametrize("how", FAULTS)
 def test_store_failing_mid_run_turns_the_tracker_offline_once(tmp_path, how, db):
     said = []
     if how == "removed":  # its own store, to remove
