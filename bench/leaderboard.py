@@ -189,6 +189,8 @@ def to_frame(rows) -> pd.DataFrame:
                 if multi:
                     line[f"{task}/{m}_std"] = r.std.get(m)
                     line[f"{task}/{m}_n"] = r.n
+                if m == r.primary and multi:
+                    line[f"{task}/{m}_cell"] = cell(r, m)  # as printed: mean ± std (n), ≈
                 if m == r.primary and r.mark.get(m):
                     line[f"{task}/{m}_mark"] = r.mark[m]
             line.update({"dataset": any_row.dataset, "backbone": any_row.backbone})
@@ -203,7 +205,7 @@ def to_frame(rows) -> pd.DataFrame:
             if refs:
                 line["source"] = any_row.extra.get("reference") or "measured"
             data.append(line)
-    marks = [c for line in data for c in line if c.endswith("_mark")]
+    marks = [c for line in data for c in line if c.endswith(("_cell", "_mark"))]
     columns += list(dict.fromkeys(marks))
     columns += ["dataset", "backbone"]
     for attr in ("recipe", "init", "pretrain_dataset", "protocols"):

@@ -149,6 +149,7 @@ def test_terminal_table_keeps_every_value_at_80_columns():
     df = to_frame(_det_rows())
     assert {"det/bbox_AP", "det/bbox_AP_std", "det/bbox_AP_n", "images_seen", "device_h"} <= set(df.columns)
     assert df.loc[df["method"] == "random-init", "det/bbox_AP_n"].item() == 3
+    assert df.loc[df["method"] == "random-init", "det/bbox_AP_cell"].item() == "11.00 ± 1.00 (3)"
 
 
 def test_not_a_terminal_prints_markdown():
