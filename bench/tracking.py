@@ -122,6 +122,21 @@ def _store_errors() -> tuple:
     return tuple(errors)
 
 
+def _forget_store(uri: str) -> None:
+    """Drop MLflow's in-process caches of a sqlite store whose file is gone, so that a store created again at
+    the same path (after it was removed mid-run) is opened afresh instead of through a stale connection."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+        type(_tracking_store_registry)._get_store_with_resolved_uri.cache_clear()
+    except (ImportError, AttributeError):  # other MLflow internals: a new process opens it afresh anyway
+        pass
+
+
 class Tracker:
     """A thin wrapper around ``MlflowClient`` bound to one experiment.
 
@@ -149,6 +164,8 @@ class Tracker:
                 raise BenchError(f"--tracking-uri {self.uri}: no MLflow store at {db} (run `python -m bench run` first)")
             if create and not os.access(folder, os.W_OK):
                 raise BenchError(f"--tracking-uri {self.uri}: folder {folder} is not writable")
+            if not os.path.exists(db):
+                _forget_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         last: Exception | None = None
         for attempt in range(8):  # two processes creating one new sqlite store race on its tables: retry

@@ -85,6 +85,11 @@ def test_store_failing_mid_run_turns_the_tracker_offline_once(tmp_path, how, db)
     assert tracker.start_run("b", {}) is None and tracker.run_status(rid) == "OFFLINE"
     ledger = RunLedger(str(tmp_path), tracker)
     assert ledger.stage("eval/x", "x", {}) == (None, False)
+    if how == "removed":  # the same command again, in this process: a new store at the same path works
+        fresh = Tracker(f"sqlite:///{db}", f"offline-{how}")
+        rid2 = fresh.start_run("b", {})
+        fresh.log_metrics(rid2, {"m": 3.0})
+        assert not fresh.offline and fresh.client.get_run(rid2).data.metrics["m"] == 3.0
 
 
 @pytest.mark.slow
