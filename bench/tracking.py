@@ -35,13 +35,18 @@ TAG = {
     "data_hash": "bench.data_hash", "baseline": "bench.baseline", "git_commit": "git_commit",
     "code_version": "bench.code_version", "config_hash": "config_hash", "cache": "bench.cache",
     "cached_from": "bench.cached_from", "cache_key": "bench.cache_key", "checkpoint_hash": "bench.checkpoint_hash",
+    "tune": "bench.tune", "trial_id": "trial_id",  # `bench tune`: the search's parent run and its trials
 }
 
 
-def run_tags(kind: str, run_id: str, **fields) -> dict:
-    """Tags of one run: ``kind`` and ``run_id`` plus any ``TAG`` field (unknown names are a bug: KeyError), with
-    the commit also under ``mlflow.source.git.commit`` (shown on the MLflow UI's run page)."""
-    tags = {TAG["kind"]: kind, TAG["run_id"]: run_id, TAG["git_commit"]: fields.pop("git_commit", None) or git_commit()}
+def run_tags(kind: str, run_id: str | None, **fields) -> dict:
+    """Tags of one run: ``kind`` and ``run_id`` (a bench run's; None for a search) plus any ``TAG`` field
+    (unknown names are a bug: KeyError), with the commit also under ``mlflow.source.git.commit`` (shown on the
+    MLflow UI's run page). ``bench tune`` uses it as ``run_tags("trial", None, tune=name, trial_id=..., ...)``."""
+    tags = {TAG["kind"]: kind}
+    if run_id:
+        tags[TAG["run_id"]] = run_id
+    tags[TAG["git_commit"]] = fields.pop("git_commit", None) or git_commit()
     tags["mlflow.source.git.commit"] = tags[TAG["git_commit"]]
     for name, value in fields.items():
         if value is not None:
