@@ -36,7 +36,7 @@ class Pipeline:
         from rich.console import Console
 
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or Console(soft_wrap=True)  # messages unwrapped in logs; tables keep their width
         self.show_progress = progress
         self.run_id = cfg.run.run_id or new_run_id()
         self.storage = ensure_writable(cfg.run.storage, "run.storage")

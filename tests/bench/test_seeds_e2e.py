@@ -78,7 +78,7 @@ def test_second_run_reuses_both_pretrainings_and_every_evaluation(first, capsys,
                  "--no-progress"] + tiny_argv()) == 0
     wall = time.perf_counter() - t
     out = capsys.readouterr().out
-    assert "reused from earlier runs: 2 pretraining(s), 4 evaluation(s)" in out
+    assert "reused from earlier runs: 2 pretraining(s), 4 evaluation(s)" in " ".join(out.split())
     assert "pretrained" not in out
     first_cells = re.findall(r"\| (dino|random-init) \| ([^|]+) \|", first["out"])
     assert re.findall(r"\| (dino|random-init) \| ([^|]+) \|", out) == first_cells  # the same cells

@@ -64,7 +64,7 @@ def _check_logged(client, exp_name, run_dir):
 
 def _rerun_logs_without_recomputing(argv, capsys):
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # messages may wrap at the console's width
     assert "pretrained 3 steps" not in out and "final checkpoint found), logging it" in out
     assert "not logged to MLflow" not in out
     return out
@@ -77,7 +77,7 @@ def test_sqlite_store_removed_mid_pretraining(tmp_path, monkeypatch, capsys):
     argv = ["run", "--methods", "dino", "--tasks", "linseg", "--run-id", "lost", "--no-progress"] + tiny_argv()
     broken = _break_when_training(str(run_dir), lambda: os.remove(db))
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert broken.is_set()
     assert "cannot be written" in out and "not logged to MLflow" in out and "--run-id lost" in out
     for method in ("dino", "random-init"):
@@ -135,7 +135,7 @@ def test_http_server_outage_mid_run_loses_nothing(tmp_path, monkeypatch, capsys)
     try:
         broken = _break_when_training(str(run_dir), lambda: _stop_server(server["proc"]))
         assert main(argv) == 0
-        out = capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())
         assert broken.is_set() and "not logged to MLflow" in out
         assert (run_dir / "dino" / "eval_linseg.json").exists()
         server["proc"] = _start_server(tmp_path, port)  # the server is back, with its store
