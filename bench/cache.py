@@ -89,7 +89,8 @@ def eval_key(model: dict, task: str, protocol: dict, eval_data: str, eval_data_c
              code: str | None = None) -> str:
     """``model``: {"checkpoint": sha256, "method_cfg": ..., "backbone": ...} or the baseline's settings."""
     return digest({"model": model, "task": task, "protocol": protocol, "data": eval_data,
-                   "data_cfg": data_settings(eval_data_cfg), "code": code or code_version(("bench", "methods", "tasks"))})
+                   "data_cfg": data_settings(eval_data_cfg),
+                   "code": code or code_version(("bench", "methods", "tasks"))})
 
 
 def link_or_copy(src: str, dst: str) -> None:
