@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "+ one name); default cpu on synthetic data, paper otherwise")
     run.add_argument("--print-config", action="store_true",
                      help="print the fully resolved configuration (YAML keyed like --set paths) and exit")
+    run.add_argument("--seeds", metavar="N|S1,S2,..",
+                     help="pretrain each method once per seed (N seeds from run.seed, or a list); cells show mean ± std")
+    run.add_argument("--no-cache", action="store_true",
+                     help="recompute pretrainings and evaluations an earlier run already finished with the same key")
     run.add_argument("--from-tune", metavar="NAME[,NAME]",
                      help="pretrain with the best config of `bench tune` search(es) NAME for the method(s) they tuned "
                           "(default --methods: those methods; explicit --set/--config values still win)")
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
 
     lb = sub.add_parser("leaderboard", help="reprint a leaderboard from MLflow")
-    lb.add_argument("--run-id", help="one bench run (default: best per method x task over the experiment)")
+    lb.add_argument("--run-id", help="one bench run (default: the whole experiment, one table per evaluation "
+                    "dataset and task protocol, rows aggregated over seeds of the same key)")
     lb.add_argument("--export", action="store_true", help="also write results/<name>.md and .csv")
     lb.add_argument("--results-dir", default="results")
     lb.add_argument("--with-reference", action="store_true",
@@ -136,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--reference", default=None, metavar="FILE.yaml",
                     help="reference file (default results/reference.yaml; implies --with-reference)")
     _add_common(lb)
+
+    rp = sub.add_parser("reproduce", help="re-run one leaderboard cell from its MLflow evaluation run and print "
+                                          "the difference to the recorded value")
+    rp.add_argument("mlflow_run_id", help="the MLflow run id of an evaluation (a leaderboard cell)")
+    rp.add_argument("--storage", help="folder for the re-run's checkpoints (default: the recorded run.storage)")
+    rp.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    _add_common(rp)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, opened on the leaderboards")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -204,6 +216,8 @@ def _run_flags(args) -> dict:
     put("run", "address", args.address)
     if args.no_baseline:
         put("run", "baseline", False)
+    if getattr(args, "no_cache", False):
+        put("run", "cache", False)
     put("backbone", "name", args.backbone)
     put("backbone", "init", args.init)
     put("pretrain", "workers", args.workers)
@@ -245,6 +259,10 @@ def cmd_run(args) -> int:
     for method in cfg.run.methods:
         if recipe_tools.needs_estimate(cfg, method):
             print(recipe_tools.estimate_line(cfg, method), file=sys.stderr)
+    if args.seeds:
+        from bench.pipeline import parse_seeds
+
+        cfg.run.seeds = parse_seeds(args.seeds, cfg.run.seed)
     if args.from_tune:
         from rich.console import Console
 
@@ -266,7 +284,7 @@ def cmd_leaderboard(args) -> int:
     rows = rows_from_mlflow(tracker, args.run_id)
     if not rows:
         raise BenchError(f"no finished evaluations in experiment '{tracker.experiment}' ({tracker.uri})")
-    title = f"Leaderboard · run {args.run_id}" if args.run_id else f"Leaderboard · best of experiment '{tracker.experiment}'"
+    title = f"Leaderboard · run {args.run_id}" if args.run_id else f"Leaderboard · experiment '{tracker.experiment}'"
     if args.with_reference or args.reference:
         from bench import reference
 
@@ -280,6 +298,9 @@ def cmd_leaderboard(args) -> int:
             print(f"no reference row matches these results' dataset and protocol; {len(refs)} published rows "
                   f"cover {', '.join(reference.coverage(refs))}")
         rows = rows + matched
+    from bench.leaderboard import build
+
+    rows = build(rows, per_protocol=not args.run_id)
     render(rows, title=title)
     if args.export:
         paths = export(rows, args.results_dir, args.run_id or f"leaderboard-{tracker.experiment}")
@@ -337,6 +358,17 @@ def cmd_submit(args) -> int:
 
 
 COMMANDS["submit"] = cmd_submit
+
+
+def cmd_reproduce(args) -> int:
+    from bench.reproduce import reproduce
+
+    reproduce(args.mlflow_run_id, args.tracking_uri or "", args.experiment or "bench", storage=args.storage or "",
+              progress=not args.no_progress)
+    return 0
+
+
+COMMANDS["reproduce"] = cmd_reproduce
 
 
 def cmd_export(args) -> int:

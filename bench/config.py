@@ -48,6 +48,8 @@ class RunSection:
     recipe: str = ""  # NAME | FILE.yaml | comma list (a name + per-method files); "" = cpu on synthetic, else paper
     estimate: bool = True  # time a few steps before a `paper` run that this machine cannot finish soon
     seed: int = ranged(0, ge=0)
+    seeds: list = field(default_factory=list)  # pretraining seeds (each method once per seed); empty = [seed]
+    cache: bool = True  # reuse finished pretrainings / evaluations with the same key (bench.cache); false recomputes
     baseline: bool = True  # add the untrained backbone as a `random-init` row
     results_dir: str = "results"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from bench import checkpoint as ckpt
@@ -39,6 +40,29 @@ def feature_fn(method: str, final_path: str | None, spec: dict, device: torch.de
     return method_obj.dense_features, method_obj
 
 
+def protocol_record(task_obj, name: str) -> dict:
+    """The protocol a task's number comes from: name, version, settings and their hash (part of the row key)."""
+    cls = type(task_obj)
+    return {"protocol_name": cls.protocol_name or name, "protocol_version": int(cls.protocol_version),
+            "protocol_hash": task_obj.protocol_hash(), "protocol_settings": task_obj.protocol_settings(),
+            "display_metrics": list(cls.display_metrics or (cls.primary,)),
+            "higher_is_better": bool(cls.higher_is_better)}
+
+
+def save_npz(arrays: dict, path: str) -> None:
+    """Arrays (per-image statistics) to ``path`` atomically, compressed (mostly-zero confusion matrices)."""
+    ckpt.atomic_write_bytes(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def _count_params(module) -> int:
+    """Parameters of the evaluated model: the evaluation backbone of a method (its dense features' source)."""
+    target = module.eval_backbone() if hasattr(module, "eval_backbone") else module
+    try:
+        return int(sum(p.numel() for p in target.parameters()))
+    except Exception:  # noqa: BLE001 - a feature source without parameters
+        return 0
+
+
 def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec: dict, out_dir: str,
                     use_gpu: bool = False, threads: int = 0) -> dict:
     """Evaluate and write ``<out_dir>/eval_<task>.json`` per task (atomic); returns {task: result dict}."""
@@ -60,8 +84,12 @@ def evaluate_method(method: str, final_path: str | None, tasks: list[str], spec:
             backbone = _module.eval_backbone() if hasattr(_module, "eval_backbone") else _module
         res = task_obj.evaluate(feats, data, device, backbone=backbone)
         out = {"metrics": res.metrics, "per_class": res.per_class, "protocol": res.protocol,
-               "primary": cls.primary, "figures": {}, "class_names": list(data.class_names)}
+               "primary": cls.primary, "figures": {}, "class_names": list(data.class_names),
+               **protocol_record(task_obj, task), "params": _count_params(_module), "per_image_file": None}
         os.makedirs(out_dir, exist_ok=True)
+        if res.per_image:
+            out["per_image_file"] = f"eval_{task}_per_image.npz"
+            save_npz({k: np.asarray(v) for k, v in res.per_image.items()}, os.path.join(out_dir, out["per_image_file"]))
         for fname, png in (res.figures or {}).items():
             fpath = os.path.join(out_dir, f"{task}_{fname}")
             ckpt.atomic_write_bytes(fpath, lambda fh, b=png: fh.write(b))

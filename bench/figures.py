@@ -98,3 +98,42 @@ def grid_from_npz(paths: dict, title: str = "") -> bytes | None:
 
 __all__ = ["PALETTE", "mask_rgb", "pca_components", "pca_rgb", "pca_rgb_list", "feature_grid", "feature_figure",
            "prediction_figure", "fixed_indices", "method_feature_figure", "grid_from_npz"]
+
+
+def leaderboard_figure(board, title: str = "") -> bytes | None:
+    """The leaderboard as bars: one panel per (table, task) with its primary metric, one bar per method with
+    the seed std as error bar (none for one seed); ``≈`` over bars the bootstrap cannot tell from the best.
+    ``board``: a ``bench.leaderboard.Board``. None when there is nothing measured to draw."""
+    from matplotlib.figure import Figure
+
+    panels = []
+    for table in board.tables:
+        for task in dict.fromkeys(r.task for r in table):
+            rows = [r for r in table if r.task == task and not r.extra.get("reference")
+                    and isinstance(r.metrics.get(r.primary), (int, float))]
+            if rows:
+                panels.append((task, rows))
+    if not panels:
+        return None
+    n = len(panels)
+    width = max(2.6, 0.55 * max(len(rows) for _, rows in panels) + 1.2)
+    fig = Figure(figsize=(width * n, 3.0), dpi=100)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (task, rows) in zip(axes, panels):
+        names = [r.method for r in rows]
+        means = [r.metrics[r.primary] for r in rows]
+        errs = [r.std.get(r.primary, 0.0) for r in rows]
+        colors = ["#2a7ab9" if r.mark.get(r.primary) == "best" else "#9bbbd8" for r in rows]
+        ax.bar(range(len(rows)), means, yerr=errs, capsize=3, color=colors, edgecolor="#333333", linewidth=0.5)
+        for i, r in enumerate(rows):
+            if r.mark.get(r.primary) == "≈":
+                ax.text(i, means[i] + errs[i], "≈", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        seeds = max(r.n for r in rows)
+        ax.set_title(f"{task} · {rows[0].dataset}" + (f" · n={seeds}" if seeds > 1 else ""), fontsize=8)
+        ax.set_ylabel(rows[0].primary, fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylim(0, max(m + e for m, e in zip(means, errs)) * 1.15 or 1.0)
+    _layout(fig, f"Leaderboard {title}".strip())
+    return _png(fig)

@@ -1,55 +1,38 @@
-"""``bench run``: pretrain each method with Ray Train, evaluate each task, log to MLflow, print the leaderboard.
+"""``bench run``: pretrain each method once per seed with Ray Train, evaluate each task on each, log to MLflow,
+print the leaderboard.
 
-Resumable at every stage: ``<storage>/<run_id>/`` holds each method's checkpoints and ``final.pt``, each
-evaluation's ``eval_<task>.json`` and the MLflow run ids (``mlflow.json``). Re-running with the same
-``--run-id`` skips finished pretrainings and evaluations, continues an interrupted pretraining from its last
-checkpoint, and reuses the same MLflow runs, so nothing is logged twice.
+Resumable at every stage: ``<storage>/<run_id>/`` holds each method's checkpoints and ``final.pt`` (in
+``<method>/``, or ``<method>/seed<k>/`` with several seeds), each evaluation's ``eval_<task>.json`` (with its
+per-image statistics, ``eval_<task>_per_image.npz``) and the MLflow run ledger (``mlflow.json``,
+``bench.tracking.RunLedger``). Re-running with the same ``--run-id`` skips finished stages, continues an
+interrupted pretraining from its last checkpoint and logs what an unavailable MLflow store missed.
+
+Across runs, ``bench.cache`` reuses a finished pretraining or evaluation with the same key (``--no-cache``
+recomputes); the run says what it reused. Seeds are pretrained side by side when the cluster holds several
+pretrainings at once (GPUs, or CPUs with ``pretrain.cpus_per_worker`` set).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import copy
 import os
-import threading
 import time
-from dataclasses import dataclass, field
 
 from bench import checkpoint as ckpt
+from bench.board import BASELINE, Row, baseline_label
+from bench.cache import Cache, code_version, digest, eval_key, link_or_copy, pretrain_key
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
-from bench.evaluate import eval_spec
-from bench.leaderboard import BASELINE, Row, export, render, row_recipe
-from bench.loopconfig import loop_config
+from bench.fitting import concurrency, follow, start_fit
+from bench import recipe_tools
+from bench.leaderboard import build, export, render, row_recipe
 from bench.registry import DATASETS, TASKS
+from bench.evaluate import eval_spec
+from bench.loopconfig import loop_config
+from bench.runspec import (Job, Timings, _data_settings, _largest_node_cpus, _root_cause, new_run_id, parse_seeds,
+                           seeds_of)
 from bench.storage import ensure_writable
-from bench.tracking import Tracker, git_commit
-
-
-def new_run_id() -> str:
-    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-class RunState:
-    """The MLflow run ids of one bench run, persisted atomically in ``mlflow.json``."""
-
-    def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, "mlflow.json")
-        self.ids: dict = ckpt.load_json(self.path) if os.path.exists(self.path) else {}
-
-    def get(self, key: str) -> str | None:
-        return self.ids.get(key)
-
-    def set(self, key: str, value: str) -> None:
-        self.ids[key] = value
-        ckpt.save_json(self.ids, self.path)
-
-
-@dataclass
-class Timings:
-    phases: dict = field(default_factory=dict)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.phases[name] = self.phases.get(name, 0.0) + seconds
+from bench.tracking import RunLedger, Tracker, run_tags
 
 
 class Pipeline:
@@ -57,78 +40,115 @@ class Pipeline:
         from rich.console import Console
 
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or Console(soft_wrap=True)  # messages unwrapped in logs; tables keep their width
         self.show_progress = progress
         self.run_id = cfg.run.run_id or new_run_id()
         self.storage = ensure_writable(cfg.run.storage, "run.storage")
         self.run_dir = ensure_writable(os.path.join(self.storage, self.run_id), "run.storage")
         self.results_dir = cfg.run.results_dir
         self.timings = Timings()
-        self.state = RunState(self.run_dir)
+        self.seeds = seeds_of(cfg)
+        self.cache = Cache(self.storage, enabled=cfg.run.cache)
+        self.reused = {"pretrain": 0, "eval": 0}
+        self.baseline = baseline_label(cfg.backbone.init)
+        self._cfgs: dict[int, BenchConfig] = {}
 
     # ------------------------------------------------------------------------------- helpers
-    def _tags(self, **extra) -> dict:
+    def _cfg(self, seed: int) -> BenchConfig:
+        if seed not in self._cfgs:
+            c = copy.deepcopy(self.cfg)
+            c.run.seed = seed
+            self._cfgs[seed] = c
+        return self._cfgs[seed]
+
+    def _dir(self, method: str, seed: int) -> str:
+        base = os.path.join(self.run_dir, method)
+        return base if len(self.seeds) == 1 else os.path.join(base, f"seed{seed}")
+
+    def _ledger_key(self, *parts: str, seed: int) -> str:
+        return "/".join(parts) + ("" if len(self.seeds) == 1 else f"/seed{seed}")
+
+    def _tags(self, kind: str, seed: int | None = None, **extra) -> dict:
+        """Every stage's tags (``bench.tracking.TAG``); the recipe tags are the method's (the run's for the parent
+        and the baseline), its backbone the one its recipe resolved."""
         c = self.cfg
-        tags = {"bench.run_id": self.run_id, "dataset": c.run.eval_dataset(), "pretrain_dataset": c.run.pretrain_dataset(),
-                "backbone": c.backbone.name, "git_commit": git_commit(), "config_hash": c.hash()}
-        tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI's run page
-        from bench import recipe_tools
+        method = extra.get("method")
+        backbone = c.backbone_for(method).name if method in c.recipes else c.backbone.name
+        extra = {**recipe_tools.tags(c, method), **extra}
+        return run_tags(kind, self.run_id, dataset=c.run.eval_dataset(), pretrain_dataset=c.run.pretrain_dataset(),
+                        backbone=backbone, config_hash=c.hash(),
+                        init=os.path.basename(c.backbone.init) if c.backbone.init else "",
+                        code_version=code_version(("bench", "methods", "tasks")), seed=seed, **extra)
 
-        tags.update(recipe_tools.tags(c, extra.get("method")))
-        if extra.get("method") in c.recipes:
-            tags["backbone"] = c.backbone_for(extra["method"]).name
-        tags.update(extra)
-        return tags
+    def _record(self, seed: int) -> dict:
+        """What ``bench reproduce`` needs to re-run a cell: the user layer (defaults apply again on top), the
+        resolved config it gave, and the seed."""
+        user = copy.deepcopy(self.cfg.user)
+        if self.cfg.backbone.init:
+            user.setdefault("backbone", {})["init"] = self.cfg.backbone.init  # absolute, as resolved
+        return {"user": user, "resolved": self._cfg(seed).as_dict(), "seed": seed}
 
-    def _run(self, key: str, name: str, tags: dict, parent: str | None) -> tuple[str, bool]:
-        """(MLflow run id, already finished) for a stage, reusing the run recorded by an earlier attempt."""
-        rid = self.state.get(key)
-        if rid:
-            status = self.tracker.run_status(rid)
-            if status == "FINISHED":
-                return rid, True
-            if status != "MISSING":
-                return rid, False
-        rid = self.tracker.start_run(name, tags, parent)
-        self.state.set(key, rid)
-        return rid, False
+    def _ray(self):
+        """Ray, started (or joined) on first use: a run whose cells are all cached never starts it."""
+        import ray
 
-    def _spec(self, method: str | None) -> dict:
-        return eval_spec(self.cfg, method, self.n_pretrain)
+        if not ray.is_initialized():
+            from bench.raycluster import init_ray
+
+            t = time.perf_counter()
+            init_ray(self.cfg.run.address)
+            self.timings.add("ray_start", time.perf_counter() - t)
+        return ray
+
+    def _offline(self, reason: str) -> None:
+        self.console.print(f"[yellow]MLflow store {self.tracker.uri} cannot be written ({reason}); the run goes on "
+                           f"and keeps its results in {self.run_dir}[/yellow]")
+
+    def _backbone_key(self) -> dict:
+        """The backbone settings with ``init`` as the file's hash (the same weights anywhere are the same key)."""
+        b = to_dict(self.cfg.backbone)
+        if b.get("init"):
+            b["init"] = self.cache.checkpoint_hash(b["init"])
+        return b
 
     # ------------------------------------------------------------------------------- stages
     def run(self) -> list[Row]:
         c = self.cfg
         t0 = time.perf_counter()
-        self.tracker = Tracker(c.tracking.uri, c.tracking.experiment)
+        self.tracker = Tracker(c.tracking.uri, c.tracking.experiment, on_offline=self._offline)
+        self.ledger = RunLedger(self.run_dir, self.tracker)
         self._check_data()
-        self.parent, _ = self._run("parent", self.run_id, self._tags(**{"bench.kind": "run"}), None)
+        self.parent, _ = self.ledger.stage("parent", self.run_id, self._tags("run"), None)
         self.tracker.log_params(self.parent, c.as_dict())
-        from bench import recipe_tools
-
-        self.tracker.client.log_dict(self.parent, recipe_tools.run_record(c), "recipe_diff.json")
+        self.tracker.log_dict(self.parent, recipe_tools.run_record(c), "recipe_diff.json")
         self.timings.add("setup", time.perf_counter() - t0)
+        seeds = f" · seeds {', '.join(map(str, self.seeds))}" if len(self.seeds) > 1 else ""
         self.console.print(f"[bold]bench run[/bold] {self.run_id}: methods {', '.join(c.run.methods)} · tasks "
                            f"{', '.join(c.run.tasks)} · data {c.run.pretrain_dataset()} → {c.run.eval_dataset()} · "
-                           f"backbone {c.backbone.name}")
-        t = time.perf_counter()
-        from bench.raycluster import init_ray
-
-        init_ray(c.run.address)
-        self.timings.add("ray_start", time.perf_counter() - t)
-        for method in c.run.methods:
-            self.pretrain(method)
+                           f"backbone {c.backbone.name}{seeds}")
+        self.pretrain_all()
         rows: list[Row] = []
         evaluated = list(c.run.methods) + ([BASELINE] if c.run.baseline else [])
-        for method in evaluated:
-            rows.extend(self.evaluate(method))
+        for seed in self.seeds:
+            for method in evaluated:
+                rows.extend(self.evaluate(method, seed))
         t = time.perf_counter()
         self.finish(rows)
         self.timings.add("logging", time.perf_counter() - t)
         self.timings.add("total", time.perf_counter() - t0)
         self.tracker.log_metrics(self.parent, {f"time/{k}_s": v for k, v in self.timings.phases.items()})
         ckpt.save_json(self.timings.phases, os.path.join(self.run_dir, "timings.json"))
+        self._report()
         return rows
+
+    def _report(self) -> None:
+        if any(self.reused.values()):
+            self.console.print(f"reused from earlier runs: {self.reused['pretrain']} pretraining(s), "
+                               f"{self.reused['eval']} evaluation(s) (same key; --no-cache recomputes)")
+        if self.tracker.offline:
+            self.console.print(f"[yellow]not logged to MLflow ({self.tracker.offline}): results are kept in "
+                               f"{self.run_dir}; once the store is back, re-run the same command with --run-id "
+                               f"{self.run_id} to log them (nothing is recomputed)[/yellow]")
 
     def _check_data(self) -> None:
         """Build every dataset once up front so a wrong root fails before Ray starts."""
@@ -140,215 +160,312 @@ class Pipeline:
         ev = c.run.eval_dataset()
         build_dataset(ev, c.data[ev], "val")
 
-    def pretrain(self, method: str) -> None:
-        c = self.cfg
-        out_dir = os.path.join(self.run_dir, method)
-        final = os.path.join(out_dir, "final.pt")
-        pcfg = c.pretrain_for(method)
-        rid, done = self._run(f"pretrain/{method}", f"pretrain-{method}",
-                              self._tags(**{"bench.kind": "pretrain", "method": method}), self.parent)
-        if done and os.path.exists(final):
-            self.console.print(f"  {method}: pretraining already finished in run {self.run_id}, skipped")
-            return
-        self.tracker.log_params(rid, {"method": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
-                                      "backbone": to_dict(c.backbone_for(method))})
-        from bench import recipe_tools
+    # ------------------------------------------------------------------------------- pretraining
+    def pretrain(self, method: str, seed: int | None = None) -> None:
+        """One method at one seed (default: the first), resumed, reused from the cache or trained."""
+        self.pretrain_all([(method, self.seeds[0] if seed is None else seed)])
 
-        self.tracker.client.log_dict(rid, recipe_tools.record(c, method), "recipe_diff.json")
-        t = time.perf_counter()
-        if os.path.exists(final):  # trained by an interrupted attempt that had not yet logged it
-            self.console.print(f"  {method}: pretraining already finished in run {self.run_id} "
+    def pretrain_all(self, jobs: list[tuple[str, int]] | None = None) -> None:
+        jobs = jobs or [(m, s) for s in self.seeds for m in self.cfg.run.methods]
+        pending = [j for j in (self._prepare(m, s) for m, s in jobs) if j is not None]
+        todo = []
+        for job in pending:
+            if os.path.exists(os.path.join(job.out_dir, "final.pt")):
+                self._log_pretrain(job, 0.0)
+            else:
+                todo.append(job)
+        if todo:
+            self._ray()
+        k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
+        for i in range(0, len(todo), k):
+            self._fit_many(todo[i:i + k], k)
+
+    def _prepare(self, method: str, seed: int) -> Job | None:
+        c = self._cfg(seed)
+        job = Job(method, seed, self._dir(method, seed))
+        final = os.path.join(job.out_dir, "final.pt")
+        pcfg = c.pretrain_for(method)
+        lc = loop_config(c, method, pcfg, job.out_dir, 0).to_dict()
+        lc["backbone"] = self._backbone_key()
+        job.key = pretrain_key(lc, recipe_tools.tags(c, method)["recipe_hash"])
+        if not os.path.exists(final):
+            job.hit = self.cache.lookup_pretrain(job.key)
+            if job.hit:
+                link_or_copy(job.hit["final"], final)
+                ckpt.save_json(job.hit.get("summary", {}), os.path.join(job.out_dir, "pretrain_summary.json"))
+                ckpt.save_json({k: job.hit.get(k) for k in ("run_id", "mlflow_run", "final")},
+                               os.path.join(job.out_dir, "cached_from.json"))
+                self.reused["pretrain"] += 1
+                self.console.print(f"  {self._name(method, seed)}: pretraining reused from run "
+                                   f"{job.hit.get('run_id')} (same recipe, config, code and seed)")
+        tags = self._tags("pretrain", seed, method=method, cache_key=job.key,
+                          cache="hit" if job.hit else "miss", cached_from=(job.hit or {}).get("run_id"))
+        job.rid, done = self.ledger.stage(self._ledger_key("pretrain", method, seed=seed),
+                                          f"pretrain-{self._name(method, seed)}", tags, self.parent)
+        if done and os.path.exists(final):
+            self.console.print(f"  {self._name(method, seed)}: pretraining already finished in run {self.run_id}, "
+                               f"skipped")
+            return None
+        self.tracker.log_params(job.rid, {"method": to_dict(c.methods[method]), "pretrain": to_dict(pcfg),
+                                          "backbone": to_dict(c.backbone_for(method))})
+        self.tracker.log_dict(job.rid, recipe_tools.record(c, method), "recipe_diff.json")
+        if os.path.exists(final) and not job.hit:
+            self.console.print(f"  {self._name(method, seed)}: pretraining already finished in run {self.run_id} "
                                f"(final checkpoint found), logging it")
-            result = {}
-        else:
-            result = self._fit(method, pcfg, out_dir)
-        seconds = time.perf_counter() - t
-        self.timings.add(f"pretrain_{method}", seconds)
+        return job
+
+    def _name(self, method: str, seed: int) -> str:
+        return method if len(self.seeds) == 1 else f"{method} seed {seed}"
+
+    def _fit_many(self, jobs: list[Job], k: int) -> None:
+        ray = self._ray()
+        started = []
+        avail = int(ray.available_resources().get("CPU", 1))
+        for job in jobs:
+            pcfg = self._cfg(job.seed).pretrain_for(job.method)
+            share = max(1, avail // max(pcfg.workers * len(jobs), 1))
+            cpus = pcfg.cpus_per_worker or share
+            started.append((job, cpus, *start_fit(self._cfg(job.seed), job, pcfg, cpus, self.n_pretrain,
+                                                  self.run_dir)))
+        follow(self.console, [(self._name(j.method, j.seed), j.out_dir, th, total)
+                              for j, _, th, _, total in started], self.show_progress)
+        for job, cpus, _thread, box, _total in started:
+            seconds = time.perf_counter() - box["t0"]
+            if "error" in box:
+                raise BenchError(f"pretraining '{self._name(job.method, job.seed)}' failed: "
+                                 f"{_root_cause(box['error'])}; re-run with --run-id {self.run_id} to resume from "
+                                 f"the last checkpoint")
+            result = box["result"]
+            if getattr(result, "error", None):
+                raise BenchError(f"pretraining '{self._name(job.method, job.seed)}' failed: "
+                                 f"{_root_cause(result.error)}; re-run with --run-id {self.run_id} to resume from "
+                                 f"the last checkpoint")
+            value = getattr(result, "return_value", None)
+            job.summary = self._summary(job, value if isinstance(value, dict) else {}, box["seconds"], cpus)
+            ckpt.save_json(job.summary, os.path.join(job.out_dir, "pretrain_summary.json"))
+            self.cache.store_pretrain(job.key, os.path.join(job.out_dir, "final.pt"), job.summary,
+                                      {"run_id": self.run_id, "mlflow_run": job.rid, "method": job.method,
+                                       "seed": job.seed})
+            self._log_pretrain(job, seconds)
+
+    def _summary(self, job: Job, result: dict, seconds: float, cpus: int) -> dict:
+        """The compute a pretraining took: images seen, wall time, device-hours, parameters, peak memory."""
+        pcfg = self._cfg(job.seed).pretrain_for(job.method)
+        out = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        steps = int(result.get("steps", 0))
+        gpu = pcfg.gpu
+        out.update({"images_seen": steps * pcfg.batch_size, "pretrain_wall_s": seconds,
+                    "device_h": seconds * pcfg.workers * (1 if gpu else cpus) / 3600.0,
+                    "device": "GPU-h" if gpu else "CPU core-h", "workers": pcfg.workers, "cpus_per_worker": cpus})
+        return out
+
+    def _log_pretrain(self, job: Job, seconds: float) -> None:
         from bench.pretrain import read_metrics
 
-        curves = read_metrics(out_dir)
-        self.tracker.log_curves(rid, curves)
-        summary = {f"pretrain/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+        final = os.path.join(job.out_dir, "final.pt")
+        summary_path = os.path.join(job.out_dir, "pretrain_summary.json")
+        if not job.summary and os.path.exists(summary_path):
+            job.summary = ckpt.load_json(summary_path)
+        self.timings.add(f"pretrain_{job.method}", seconds)
+        rid = job.rid
+        self.tracker.log_curves(rid, read_metrics(job.out_dir))
+        summary = {f"pretrain/{k}": v for k, v in job.summary.items() if isinstance(v, (int, float))}
         summary["pretrain/driver_wall_s"] = seconds
         self.tracker.log_metrics(rid, summary)
-        self.tracker.log_artifact(rid, final, "checkpoint")
+        self.tracker.log_dict(rid, self._record(job.seed), "config.json")
+        if job.hit:
+            self.tracker.set_tags(rid, {"bench.checkpoint": final})
+        else:
+            self.tracker.log_artifact(rid, final, "checkpoint")
         self.tracker.finish(rid)
-        ips = result.get("images_per_s")
-        self.console.print(f"  {method}: pretrained {result.get('steps', '?')} steps in {seconds:.0f}s"
-                           + (f" ({ips:.1f} images/s)" if ips else ""))
+        if seconds:
+            ips = job.summary.get("images_per_s")
+            self.console.print(f"  {self._name(job.method, job.seed)}: pretrained {job.summary.get('steps', '?')} "
+                               f"steps in {seconds:.0f}s" + (f" ({ips:.1f} images/s)" if ips else ""))
 
-    def _fit(self, method: str, pcfg, out_dir: str) -> dict:
-        import ray
+    # ------------------------------------------------------------------------------- evaluation
+    def _eval_model(self, method: str, final: str | None, spec: dict) -> dict:
+        """What an evaluation's number depends on besides the task: the checkpoint (or the baseline's init)."""
+        if final is None:
+            return {"baseline": True, "backbone": self._backbone_key(), "seed": spec["seed"]}
+        return {"checkpoint": self.cache.checkpoint_hash(final), "method": method, "method_cfg": spec["method_cfg"],
+                "pretrain": {k: v for k, v in spec["pretrain"].items() if k != "cpus_per_worker"},
+                "backbone": self._backbone_key()}
 
-        from bench.launch import pretraining_trainer
-        from bench.pretrain import plan_schedule
+    def evaluate(self, method: str, seed: int | None = None) -> list[Row]:
+        from bench.config import build as build_cfg
+        from bench.evaluate import evaluate_method, protocol_record
 
-        c = self.cfg
-        os.makedirs(out_dir, exist_ok=True)
-        cpus = pcfg.cpus_per_worker or max(1, int(ray.available_resources().get("CPU", 1)) // max(pcfg.workers, 1))
-        trainer = pretraining_trainer(loop_config(c, method, pcfg, out_dir, cpus),
-                                      storage=os.path.join(self.run_dir, "ray"), workers=pcfg.workers,
-                                      cpus_per_worker=cpus, use_gpu=pcfg.gpu, name=f"{method}-{int(time.time())}",
-                                      max_failures=pcfg.max_failures)
-        total = plan_schedule(pcfg, self.n_pretrain, pcfg.workers).total_steps
-        box: dict = {}
-
-        def fit():
-            try:
-                box["result"] = trainer.fit()
-            except BaseException as exc:  # noqa: BLE001 - surfaced below in the driver thread
-                box["error"] = exc
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        self._follow(thread, method, out_dir, total)
-        if "error" in box:
-            raise BenchError(f"pretraining '{method}' failed: {_root_cause(box['error'])}; "
-                             f"re-run with --run-id {self.run_id} to resume from the last checkpoint")
-        result = box["result"]
-        if getattr(result, "error", None):
-            raise BenchError(f"pretraining '{method}' failed: {_root_cause(result.error)}; "
-                             f"re-run with --run-id {self.run_id} to resume from the last checkpoint")
-        value = getattr(result, "return_value", None)
-        return value if isinstance(value, dict) else {}
-
-    def _follow(self, thread: threading.Thread, method: str, out_dir: str, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from bench.pretrain import read_metrics
-
-        if not self.show_progress:
-            thread.join()
-            return
-        with Progress(TextColumn(f"  pretrain [bold]{method}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
-                      transient=True) as progress:
-            task = progress.add_task(method, total=total, info="starting Ray Train")
-            while thread.is_alive():
-                thread.join(timeout=0.5)
-                rows = read_metrics(out_dir)
-                if rows:
-                    last = rows[-1]
-                    progress.update(task, completed=last["step"],
-                                    info=f"loss {last['loss']:.4f} · {last['images_per_s']:.0f} img/s")
-
-    def evaluate(self, method: str) -> list[Row]:
-        import ray
-
-        from bench.evaluate import evaluate_method
-
-        c = self.cfg
-        out_dir = os.path.join(self.run_dir, method)
+        seed = self.seeds[0] if seed is None else seed
+        c = self._cfg(seed)
+        out_dir = self._dir(method, seed)
         final = None if method == BASELINE else os.path.join(out_dir, "final.pt")
-        pending = [t for t in c.run.tasks if not os.path.exists(os.path.join(out_dir, f"eval_{t}.json"))]
+        spec = eval_spec(c, None if method == BASELINE else method, self.n_pretrain)
+        model = self._eval_model(method, final, spec)
+        keys, protocols = {}, {}
+        for task in c.run.tasks:
+            cls = TASKS.get(task)
+            protocols[task] = protocol_record(cls(build_cfg(cls.config_class, spec["tasks"].get(task, {}),
+                                                            f"tasks.{task}")), task)
+            keys[task] = eval_key(model, task, {k: protocols[task][k] for k in
+                                                ("protocol_name", "protocol_version", "protocol_hash")},
+                                  spec["eval_dataset"], spec["eval_dataset_cfg"])
+        pending = []
+        for task in c.run.tasks:
+            if os.path.exists(os.path.join(out_dir, f"eval_{task}.json")):
+                continue
+            hit = self.cache.lookup_eval(keys[task])
+            if hit:
+                self.cache.restore_eval(hit, out_dir, task)
+                for name in ("features_pca.png", "features_pca.npz"):  # the same model's picture
+                    src = os.path.join(os.path.dirname(hit["result"]), name)
+                    if os.path.exists(src) and not os.path.exists(os.path.join(out_dir, name)):
+                        link_or_copy(src, os.path.join(out_dir, name))
+                self.reused["eval"] += 1
+                self.console.print(f"  {self._label(method)}{'' if len(self.seeds) == 1 else f' seed {seed}'}: "
+                                   f"{task} reused from run {hit.get('run_id')} (same checkpoint, protocol, data, code)")
+            else:
+                pending.append(task)
         t0 = time.perf_counter()
         if pending:
-            spec = self._spec(None if method == BASELINE else method)
+            ray = self._ray()
             use_gpu = c.pretrain.gpu
             cpus = _largest_node_cpus()
             remote = ray.remote(num_cpus=cpus if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(evaluate_method)
-            with self.console.status(f"  evaluating [bold]{method}[/bold] on {', '.join(pending)}"):
+            with self.console.status(f"  evaluating [bold]{self._label(method)}[/bold] on {', '.join(pending)}"):
                 try:
                     ray.get(remote.remote(method, final, pending, spec, out_dir, use_gpu, cpus))
                 except Exception as exc:
-                    raise BenchError(f"evaluation of '{method}' failed: {_root_cause(exc)}") from None
-        self._feature_figure(method, final, out_dir)
+                    raise BenchError(f"evaluation of '{self._label(method)}' failed: {_root_cause(exc)}") from None
+            for task in pending:
+                self.cache.store_eval(keys[task], os.path.join(out_dir, f"eval_{task}.json"),
+                                      {"run_id": self.run_id, "key": keys[task], "method": method, "seed": seed})
+        self._feature_figure(method, final, out_dir, spec)
         self.timings.add(f"eval_{method}", time.perf_counter() - t0)
-        rows = []
-        for task in c.run.tasks:
-            res = ckpt.load_json(os.path.join(out_dir, f"eval_{task}.json"))
-            tags = self._tags(**{"bench.kind": "eval", "method": method, "task": task,
-                                 "bench.primary": res["primary"], "bench.protocol": res["protocol"]})
-            rid, done = self._run(f"eval/{method}/{task}", f"eval-{method}-{task}", tags, self.parent)
-            if not done:
-                self.tracker.log_params(rid, {"task": to_dict(c.tasks[task])})
-                self.tracker.client.log_dict(rid, {"recipe": tags["recipe"], "recipe_hash": tags["recipe_hash"],
-                                                   "recipe_changes": tags["recipe_changes"]}, "recipe.json")
-                self.tracker.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items()
-                                               if isinstance(v, (int, float))})
-                # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
-                self.tracker.log_metrics(rid, {f"{task}_{res['primary']}": res["metrics"].get(res["primary"])})
-                if res.get("per_class"):
-                    names = res.get("class_names") or DATASETS.get(c.run.eval_dataset()).class_names
-                    self.tracker.client.log_dict(rid, {"class_names": list(names), **res["per_class"]},
-                                                 f"{task}_per_class.json")
-                for fname, fpath in res.get("figures", {}).items():
-                    if os.path.exists(fpath):
-                        self.tracker.log_artifact(rid, fpath, "figures")
-                if os.path.exists(os.path.join(out_dir, "features_pca.png")):
-                    self.tracker.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
-                self.tracker.finish(rid)
-            rows.append(Row(method=method, task=task, metrics=res["metrics"], primary=res["primary"],
-                            dataset=c.run.eval_dataset(), backbone=tags["backbone"], protocol=res["protocol"], run=rid,
-                            recipe=row_recipe(tags)))
-        return rows
+        compute = self._row_compute(method, out_dir)
+        return [self._log_eval(method, seed, task, out_dir, keys[task], compute) for task in c.run.tasks]
 
-    def _feature_figure(self, method: str, final: str | None, out_dir: str) -> None:
+    def _label(self, method: str) -> str:
+        return self.baseline if method == BASELINE else method
+
+    def _row_compute(self, method: str, out_dir: str) -> dict:
+        path = os.path.join(out_dir, "pretrain_summary.json")
+        if method == BASELINE or not os.path.exists(path):
+            return {"images_seen": 0, "pretrain_wall_s": 0.0, "device_h": 0.0}
+        s = ckpt.load_json(path)
+        out = {k: s[k] for k in ("images_seen", "pretrain_wall_s", "device_h", "peak_mem_mb") if k in s}
+        out["device"] = s.get("device", "")
+        return out
+
+    def _log_eval(self, method: str, seed: int, task: str, out_dir: str, key: str, compute: dict) -> Row:
+        c = self._cfg(seed)
+        res = ckpt.load_json(os.path.join(out_dir, f"eval_{task}.json"))
+        if res.get("params"):
+            compute = {**compute, "params": res["params"]}
+        label = self._label(method)
+        data_hash = digest(_data_settings(c.data[c.run.eval_dataset()]))
+        per_image = os.path.join(out_dir, res["per_image_file"]) if res.get("per_image_file") else None
+        cached = res.get("cached_from") or {}
+        row = Row(method=label, task=task, metrics=res["metrics"], primary=res["primary"],
+                  dataset=c.run.eval_dataset(), backbone=c.backbone.name, protocol=res["protocol"],
+                  recipe=getattr(c.run, "recipe", ""), init=os.path.basename(c.backbone.init) if c.backbone.init else "",
+                  pretrain_dataset="" if method == BASELINE else c.run.pretrain_dataset(), data_hash=data_hash,
+                  protocol_name=res.get("protocol_name", task), protocol_version=int(res.get("protocol_version", 1)),
+                  protocol_hash=res.get("protocol_hash", ""), seed=seed, compute=compute,
+                  per_image=[per_image] if per_image else [], display=list(res.get("display_metrics") or []),
+                  higher_is_better=bool(res.get("higher_is_better", True)))
+        tags = self._tags("eval", seed, method=label, task=task, primary=res["primary"], protocol=res["protocol"],
+                          protocol_name=row.protocol_name, protocol_version=row.protocol_version,
+                          protocol_hash=row.protocol_hash, data_hash=data_hash, cache_key=key,
+                          cache="hit" if cached else "miss", cached_from=cached.get("run_id"),
+                          baseline="1" if method == BASELINE else None)
+        tags["pretrain_dataset"] = row.pretrain_dataset
+        row.recipe, row.backbone = row_recipe(tags), tags["backbone"]
+        tags.update({"bench.display": ",".join(row.display), "bench.higher_is_better": "1" if row.higher_is_better
+                     else "0", "bench.device": compute.get("device", "")})
+        if per_image:
+            tags["bench.per_image"] = f"per_image/{os.path.basename(per_image)}"
+        rid, done = self.ledger.stage(self._ledger_key("eval", method, task, seed=seed),
+                                      f"eval-{label}-{task}" + ("" if len(self.seeds) == 1 else f"-s{seed}"),
+                                      tags, self.parent)
+        row.run = rid or ""
+        if done or rid is None:
+            return row
+        t = self.tracker
+        t.log_params(rid, {"task": to_dict(c.tasks[task])})
+        t.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items() if isinstance(v, (int, float))})
+        # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
+        t.log_metrics(rid, {f"{task}_{res['primary']}": res["metrics"].get(res["primary"])})
+        t.log_metrics(rid, {f"compute/{k}": v for k, v in compute.items() if isinstance(v, (int, float))})
+        t.log_dict(rid, self._record(seed), "config.json")
+        t.log_dict(rid, {k: tags[k] for k in ("recipe", "recipe_hash", "recipe_changes")}, "recipe.json")
+        t.log_dict(rid, {"protocol_name": row.protocol_name, "protocol_version": row.protocol_version,
+                         "protocol_hash": row.protocol_hash, "settings": res.get("protocol_settings", {})},
+                   "protocol.json")
+        if res.get("per_class"):
+            names = res.get("class_names") or DATASETS.get(c.run.eval_dataset()).class_names
+            t.log_dict(rid, {"class_names": list(names), **res["per_class"]}, f"{task}_per_class.json")
+        if per_image:
+            t.log_artifact(rid, per_image, "per_image")
+        for fpath in res.get("figures", {}).values():
+            if os.path.exists(fpath):
+                t.log_artifact(rid, fpath, "figures")
+        if os.path.exists(os.path.join(out_dir, "features_pca.png")):
+            t.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
+        t.finish(rid)
+        return row
+
+    def _feature_figure(self, method: str, final: str | None, out_dir: str, spec: dict) -> None:
         """PCA-to-RGB picture of the method's dense features (bench.figures), drawn where evaluations run."""
         if os.path.exists(os.path.join(out_dir, "features_pca.png")):
             return
-        import ray
-
+        ray = self._ray()
         from bench.figures import method_feature_figure
 
         use_gpu = self.cfg.pretrain.gpu
         remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(method_feature_figure)
         try:
-            ray.get(remote.remote(method, final, self._spec(None if method == BASELINE else method), out_dir, use_gpu))
+            ray.get(remote.remote(method, final, spec, out_dir, use_gpu))
         except Exception as exc:  # a picture is not worth failing a benchmark for: say so and go on
             self.console.print(f"  [yellow]{method}: feature picture skipped ({_root_cause(exc)})[/yellow]")
 
     def finish(self, rows: list[Row]) -> None:
+        from bench.figures import grid_from_npz, leaderboard_figure
         from bench.leaderboard import to_frame, to_markdown
 
-        render(rows, title=f"Leaderboard · run {self.run_id}", console=self.console)
-        df = to_frame(rows)
-        self.tracker.log_table(self.parent, df.round(2), "leaderboard.json")  # as printed; runs keep full precision
-        self.tracker.log_text(self.parent, to_markdown(rows), "leaderboard.md")
-        from bench.figures import grid_from_npz
-
-        methods = list(dict.fromkeys(r.method for r in rows))
-        grid = grid_from_npz({m: os.path.join(self.run_dir, m, "features_pca.npz") for m in methods},
-                             title=f"PCA of dense features, {self.cfg.run.eval_dataset()} val")
+        board = build(rows)
+        render(board, title=f"Leaderboard · run {self.run_id}", console=self.console)
+        self.tracker.log_table(self.parent, to_frame(board).round(2), "leaderboard.json")
+        self.tracker.log_text(self.parent, to_markdown(board, title=f"Leaderboard · run {self.run_id}"),
+                              "leaderboard.md")
+        png = leaderboard_figure(board, title=f"run {self.run_id}")
+        if png:
+            path = os.path.join(self.run_dir, "leaderboard.png")
+            ckpt.atomic_write_bytes(path, lambda fh: fh.write(png))
+            self.tracker.log_artifact(self.parent, path)
+        dirs = {}
+        for m in dict.fromkeys(list(self.cfg.run.methods) + ([BASELINE] if self.cfg.run.baseline else [])):
+            dirs[self._label(m)] = os.path.join(self._dir(m, self.seeds[0]), "features_pca.npz")
+        grid = grid_from_npz(dirs, title=f"PCA of dense features, {self.cfg.run.eval_dataset()} val")
         if grid:
             path = os.path.join(self.run_dir, "features_pca.png")
             ckpt.atomic_write_bytes(path, lambda fh: fh.write(grid))
             self.tracker.log_artifact(self.parent, path)
-        for r in rows:
-            self.tracker.log_metrics(self.parent, {f"{r.method}/{r.task}/{r.primary}": r.metrics.get(r.primary)})
-        paths = export(rows, self.results_dir, self.run_id)
+        for table in board.tables:
+            for r in table:
+                v = r.metrics.get(r.primary)
+                self.tracker.log_metrics(self.parent, {f"{r.method}/{r.task}/{r.primary}": v})
+                if r.n > 1:
+                    self.tracker.log_metrics(self.parent, {f"{r.method}/{r.task}/{r.primary}_std": r.std.get(r.primary),
+                                                           f"{r.method}/{r.task}/n": r.n})
+        paths = export(board, self.results_dir, self.run_id)
         self.tracker.finish(self.parent)
         self.console.print(f"[dim]leaderboard written to {', '.join(paths)}; MLflow run {self.parent} "
                            f"(experiment '{self.cfg.tracking.experiment}', {self.tracker.uri})[/dim]")
-
-
-def _largest_node_cpus() -> int:
-    """CPUs of the biggest alive node: a single task cannot span nodes."""
-    import ray
-
-    sizes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    return max([1] + sizes)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's one-line message (Ray wraps worker errors several times)."""
-    seen = exc
-    for _ in range(10):
-        nxt = getattr(seen, "cause", None) or seen.__cause__ or getattr(seen, "_cause", None)
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    text = str(seen).strip().splitlines()
-    msg = text[-1] if text else type(seen).__name__
-    for ln in reversed(text):
-        if ln and not ln.startswith(" ") and ("Error" in ln or "error" in ln):
-            msg = ln
-            break
-    return msg[:300]
 
 
 def run(cfg: BenchConfig, console=None, progress: bool = True) -> list[Row]:
     return Pipeline(cfg, console, progress).run()
 
 
-__all__ = ["run", "Pipeline", "TASKS"]
+__all__ = ["run", "Pipeline", "TASKS", "parse_seeds", "seeds_of"]

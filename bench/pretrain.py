@@ -220,7 +220,20 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
                         os.path.join(out_dir, "final.pt"))
         ckpt.prune(ckpt_dir, keep=0)
     return {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
-            "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall}
+            "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall,
+            **_compute_figures(method, use_gpu)}
+
+
+def _compute_figures(method, use_gpu: bool) -> dict:
+    """Trainable parameters and this worker's peak memory (MiB): CUDA allocator peak on GPU, peak RSS on CPU."""
+    import resource
+
+    params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    if use_gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"train_params": int(params), "peak_mem_mb": float(peak)}
 
 
 def wrap_data_parallel(method, world: int):

@@ -9,6 +9,9 @@ carries the train and val splits. Metrics are floats; percentages are in percent
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,6 +36,9 @@ class TaskResult:
     per_class: dict = field(default_factory=dict)  # name -> list of floats (e.g. IoU per class)
     protocol: str = ""  # one line saying how the number was produced, logged with every leaderboard row
     figures: dict = field(default_factory=dict)  # file name -> PNG bytes
+    # per evaluation image, for the leaderboard's paired bootstrap (bench.significance): "confusion" N×C×P int
+    # counts (the primary is the mIoU of their sum) or "score" N floats (the primary is their mean)
+    per_image: dict = field(default_factory=dict)
 
 
 class Task:
@@ -42,9 +48,22 @@ class Task:
     primary: str = ""  # the leaderboard metric, a key of ``TaskResult.metrics``
     higher_is_better: bool = True  # of ``primary``: the direction a search (``bench tune``) optimises
     needs_backbone: bool = False  # True: ``evaluate`` gets the trainable evaluation backbone as ``backbone``
+    # the protocol a number was produced by: a row is comparable with another only if name, version and the hash
+    # of the settings agree. Bump ``protocol_version`` when the evaluation code changes what it measures.
+    protocol_name: str = ""  # default: the registered task name
+    protocol_version: int = 1
+    display_metrics: tuple = ()  # the terminal leaderboard's columns (default: the primary); all go to CSV/MLflow
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def protocol_settings(self) -> dict:
+        """Every setting that changes the number (the resolved config: presets filled in)."""
+        return dataclasses.asdict(self.cfg) if dataclasses.is_dataclass(self.cfg) else {}
+
+    def protocol_hash(self) -> str:
+        blob = json.dumps(self.protocol_settings(), sort_keys=True, default=str).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device,
                  backbone: Optional[nn.Module] = None) -> TaskResult:

@@ -179,6 +179,7 @@ class Clustering(Task):
     dataset_defaults = {"coco_stuff27": {"k": 27, "match": "hungarian", "seeds": 5},
                         "cityscapes27": {"k": 27, "match": "hungarian", "seeds": 5}}
     primary = "miou"
+    display_metrics = ("miou", "miou_std")  # seed mean ± seed std, then the (smaller) k-means-restart std
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:
         cfg = self.cfg
@@ -213,7 +214,7 @@ class Clustering(Task):
         if points.shape[0] < K:
             raise BenchError(f"cluster: only {points.shape[0]} non-void feature vectors to fit K={K} clusters")
 
-        mious, accs, ious, inertias, mappings = [], [], [], [], []
+        mious, accs, ious, inertias, mappings, per_image = [], [], [], [], [], []
         for s in range(seeds):
             seed = cfg.seed + s
             fit = points
@@ -221,9 +222,12 @@ class Clustering(Task):
                 g = torch.Generator().manual_seed(10_007 * seed + 1)
                 fit = points[torch.randperm(points.shape[0], generator=g)[:cfg.max_fit_points]]
             centroids, inertia = kmeans(fit.to(device).float(), K, cfg.iters, seed, n_init=cfg.n_init)
-            conf = self._confusion(val_feats, val_masks, centroids, C, K, cfg, device)
+            per_img = self._confusion(val_feats, val_masks, centroids, C, K, cfg, device)  # N×C×K
+            conf = per_img.sum(0)
             mapping = match_clusters(conf, how)
             merged = remap_confusion(conf, mapping, C, unmatched="extra")
+            # per image under this seed's matching (fixed), for the leaderboard's bootstrap over images
+            per_image.append(np.stack([remap_confusion(c, mapping, C, unmatched="extra") for c in per_img.numpy()]))
             res = summarize(merged)
             mious.append(res["miou"])
             accs.append(res["pixel_acc"])
@@ -249,7 +253,8 @@ class Clustering(Task):
                                      "miou_per_seed": [float(v) for v in mious],
                                      "pixel_acc_per_seed": [float(v) for v in accs],
                                      "inertia_per_point": [float(v) for v in inertias],
-                                     "mapping_seed0": [int(v) for v in mappings[0]]})
+                                     "mapping_seed0": [int(v) for v in mappings[0]]},
+                          per_image={"confusion": np.stack(per_image, 1).astype(np.int64)})  # N×seeds×C×(C+1)
 
     def _train_indices(self, data: EvalData) -> list[int]:
         """At most ``max_fit_images`` random train images (seeded), in dataset order."""
@@ -260,8 +265,9 @@ class Clustering(Task):
 
     @staticmethod
     def _confusion(feats, masks, centroids, C, K, cfg, device) -> torch.Tensor:
-        """classes × clusters pixel counts over the evaluation set at label resolution."""
-        conf = torch.zeros(C, K, dtype=torch.long)
+        """N×classes×clusters pixel counts per evaluation image at label resolution (images in
+        ``_same_shape_groups`` order, the same for every method)."""
+        per_image = []
         c_sq = (centroids * centroids).sum(1)
         for f, m in _same_shape_groups(feats, masks, cfg.batch_size):
             f, m = f.to(device).float(), m.to(device).long()
@@ -271,5 +277,5 @@ class Clustering(Task):
             else:
                 pred = F.interpolate(scores.argmax(1, keepdim=True).float(), size=m.shape[-2:],
                                      mode="nearest-exact")[:, 0].long()
-            conf += confusion_matrix(pred, m, C, K)
-        return conf
+            per_image.extend(confusion_matrix(p, g, C, K) for p, g in zip(pred, m))
+        return torch.stack(per_image)

@@ -177,6 +177,7 @@ def per_category_ap(evaluator_text: str, raw_precision: Optional[np.ndarray], na
 class Detection(Task):
     config_class = DetConfig
     primary = "bbox_AP"
+    display_metrics = ("bbox_AP", "bbox_AP50", "segm_AP")  # the terminal table; the full COCO set goes to CSV/MLflow
     needs_backbone = True  # bench.evaluate passes the trainable DenseBackbone as ``backbone=``
 
     def evaluate(self, features: FeatureFn, data: EvalData, device: torch.device, backbone=None) -> TaskResult:

@@ -191,7 +191,7 @@ class LinearSegmentation(Task):
             sched.step()
         cache.clear()
 
-        conf = torch.zeros(C, C, dtype=torch.long)
+        per_image = []  # C×C per val image, for the leaderboard's bootstrap over images
         shown = None  # the first val images with their labels and predictions, for the figure
         head.eval()
         with torch.no_grad():
@@ -201,10 +201,11 @@ class LinearSegmentation(Task):
                 logits = F.interpolate(head((feats(img) - mean) / std), size=mask.shape[-2:] if not cfg.eval_mask_size
                                        else (out_size, out_size), mode="bilinear", align_corners=False)
                 pred = logits.argmax(1).cpu()
-                conf += confusion_matrix(pred, mask, C)
+                per_image.extend(confusion_matrix(p, m, C) for p, m in zip(pred, mask))
                 if shown is None:
                     shown = (img[:4], mask[:4], pred[:4])
-        res = summarize(conf.numpy())
+        per_image = torch.stack(per_image).numpy()  # N×C×C
+        res = summarize(per_image.sum(0))
         per_class = res.pop("per_class_iou")
         protocol = (f"linseg[{cfg.preset}]: frozen features{' (standardised)' if cfg.standardize else ''}, 1x1 conv, CE ignore 255, SGD lr {cfg.lr} m {cfg.momentum} "
                     f"wd {cfg.weight_decay}, {cfg.epochs} ep (x0.1 at {cfg.drop_at}), input {cfg.input_size or 'native'}, "
@@ -216,7 +217,8 @@ class LinearSegmentation(Task):
 
             title = f"linseg: linear probe predictions, {data.name} val (mIoU {res['miou']:.1f})"
             figures["predictions.png"] = prediction_figure(*shown, data.class_names, title=title)
-        return TaskResult(metrics=res, per_class={"iou": per_class}, protocol=protocol, figures=figures)
+        return TaskResult(metrics=res, per_class={"iou": per_class}, protocol=protocol, figures=figures,
+                          per_image={"confusion": per_image})
 
     @staticmethod
     def _moments(cache, dataset, indices, cfg, feats, device):

@@ -22,7 +22,7 @@ def bench_headline(methods: list[str], sets: list[str], profile: bool = False, p
     from bench.pipeline import Pipeline
 
     run_id = f"perf-{int(time.time())}"
-    cfg = load_config(None, sets, {"run": {"methods": methods, "tasks": ["linseg"], "run_id": run_id,
+    cfg = load_config(None, sets, {"run": {"methods": methods, "tasks": ["linseg"], "run_id": run_id, "cache": False,
                                            "results_dir": tempfile.mkdtemp(prefix="bench-perf-results-")}})
     pipe = Pipeline(cfg, progress=False)
     t = time.perf_counter()

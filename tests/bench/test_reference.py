@@ -167,8 +167,8 @@ def test_leaderboard_puts_references_last_marked_with_their_source(refs):
     assert "stegmuel/CrOC README" in df.loc[df["method"] == "ref: CrOC (README, COCO)", "source"].item()
     assert math.isnan(df.loc[df["method"] == "ref: CrOC (README, COCO)", "linseg/pixel_acc"].item())
     md = to_markdown(rows)
-    assert "| *ref: CrOC (README, COCO)* | *54.90* | – |" in md
-    assert "| croc | 40.00 | 80.00 |" in md
+    assert "| *ref: CrOC (README, COCO)* | – | *54.90* | – |" in md  # recipe "–": published, not run here
+    assert "| croc | paper | 40.00 | 80.00 |" in md
     assert "not measured here" in md
     plain = to_frame(rows[:2])
     assert "source" not in plain.columns  # without references the table is unchanged

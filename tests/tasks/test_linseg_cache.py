@@ -11,7 +11,7 @@ def _evaluate(monkeypatch, limit: int, calls: list) -> dict:
     from bench import plugins
     from bench.config import build, load_config
     from bench.evaluate import feature_fn, load_eval_data
-    from bench.pipeline import eval_spec
+    from bench.evaluate import eval_spec
     from bench.registry import TASKS
 
     plugins.load_all()
