@@ -7,6 +7,7 @@ import os
 import sys
 
 from bench.errors import BenchError
+from bench.names import check_experiment, check_id, check_output_file
 
 CONFIG_HELP = """\
 configuration (lowest to highest precedence):
@@ -216,7 +217,7 @@ def cmd_run(args) -> int:
 
         from bench.tune import apply_from_tune
 
-        names = [n.strip() for n in args.from_tune.split(",") if n.strip()]
+        names = [check_id(n.strip(), "--from-tune", "search name") for n in args.from_tune.split(",") if n.strip()]
         if not names:
             raise BenchError("--from-tune: expected the name of a `bench tune` search")
         cfg = apply_from_tune(cfg, names, Console())
@@ -228,6 +229,9 @@ def cmd_leaderboard(args) -> int:
     from bench.leaderboard import export, render, rows_from_mlflow
     from bench.tracking import Tracker
 
+    if args.run_id:
+        check_id(args.run_id, "--run-id")
+    check_experiment(args.experiment or "bench")
     tracker = Tracker(args.tracking_uri or "", args.experiment or "bench", create=False)
     rows = rows_from_mlflow(tracker, args.run_id)
     if not rows:
@@ -293,6 +297,8 @@ def cmd_export(args) -> int:
     from bench.export import FORMATS, export
     from bench.registry import METHODS
 
+    check_id(args.run, "--run")
+    check_output_file(args.output, "-o")
     if args.format not in FORMATS:
         raise BenchError(f"--format {args.format}: unknown; valid: {', '.join(FORMATS)}")
     plugins.load_all()
@@ -326,6 +332,7 @@ def cmd_tune(args) -> int:
     from bench.tune import TuneOptions, new_search, resume_search
 
     if args.resume:
+        check_id(args.resume, "--resume", "search name")
         given = [opt for opt, v in (("--method", args.method), ("--task", args.task), ("--trials", args.trials),
                                     ("--space", args.space), ("--space-only", args.space_only),
                                     ("--concurrent", args.concurrent), ("--name", args.name),

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from bench.errors import BenchError
+from bench.names import check_config_names
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunSection:
     run_id: str = ""  # same id = resume: completed pretrainings and evaluations are skipped
     storage: str = "bench_runs"  # checkpoints and per-run state; a shared path on a cluster
     address: str = ""  # Ray address; "" starts a local Ray, "auto" joins a running cluster
+    resource_timeout_s: float = 600.0  # an autoscaling cluster may grow this long to fit the request (bench.resources)
     seed: int = 0
     baseline: bool = True  # add the untrained backbone as a `random-init` row
     results_dir: str = "results"
@@ -286,6 +288,7 @@ def resolve(user: dict) -> BenchConfig:
         raise BenchError(f"config: unknown section {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(allowed))}")
     top = {name: build(cls, user.get(name), name) for name, cls in TOP_SECTIONS.items()}
     run: RunSection = top["run"]
+    check_config_names(run, top["tracking"])  # run ids and experiment names become paths (bench.names)
     METHODS.validate(list(run.methods), "--methods")
     TASKS.validate(list(run.tasks), "--tasks")
     for opt, name in (("--data", run.data), ("--pretrain-data", run.pretrain_data), ("--eval-data", run.eval_data)):

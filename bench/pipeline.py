@@ -138,8 +138,10 @@ class Pipeline:
                            f"backbone {c.backbone.name}")
         t = time.perf_counter()
         from bench.raycluster import init_ray
+        from bench.resources import check_run
 
         init_ray(c.run.address)
+        check_run(c, self.console)  # a request the cluster cannot hold fails here, in one line
         self.timings.add("ray_start", time.perf_counter() - t)
         for method in c.run.methods:
             self.pretrain(method)
@@ -183,6 +185,7 @@ class Pipeline:
                                f"(final checkpoint found), logging it")
             result = {}
         else:
+            ckpt.load_latest_step(os.path.join(out_dir, "checkpoints"), self.console.print)  # warn in the driver
             result = self._fit(method, pcfg, out_dir)
         seconds = time.perf_counter() - t
         self.timings.add(f"pretrain_{method}", seconds)
@@ -372,7 +375,11 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def run(cfg: BenchConfig, console=None, progress: bool = True) -> list[Row]:
-    return Pipeline(cfg, console, progress).run()
+    from bench.runlock import RunLock
+
+    pipe = Pipeline(cfg, console, progress)
+    with RunLock(pipe.run_dir, pipe.run_id):  # one `bench run` per run id at a time (bench.runlock)
+        return pipe.run()
 
 
 __all__ = ["run", "Pipeline", "TASKS"]
