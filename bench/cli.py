@@ -279,7 +279,7 @@ def cmd_submit(args) -> int:
         print(submit.job_logs(args.address, args.logs), end="")
         return 0
     if args.stop:
-        print("stopped" if submit.job_stop(args.address, args.stop) else "not running")
+        print(submit.job_stop(args.address, args.stop))
         return 0
     command = list(args.bench_command[1:]) if args.bench_command[:1] == ["--"] else list(args.bench_command)
     job_id = submit.submit(args.address, command, pip=args.pip, follow=not args.no_follow)
@@ -424,8 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(ln.strip() for ln in str(exc).splitlines() if ln.strip())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command with --run-id <id> to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the safety net: one line, the traceback on request
+        if os.environ.get("BENCH_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: bench {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} (a bug or an input "
+              f"bench does not check yet; rerun with BENCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, at most 300 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -196,6 +196,10 @@ def load_yaml(path: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark else ""
         raise BenchError(f"--config {path}: not valid YAML{at}") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"--config {path}: not a text file (expected UTF-8 YAML)") from None
+    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+        raise BenchError(f"--config {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
