@@ -198,6 +198,9 @@ def check_pretrain(pcfg, what: str, timeout_s: float = 0.0, say: Callable[[str],
     worker when the caller sizes them itself)."""
     if pcfg.workers < 1:
         raise BenchError(f"--workers {pcfg.workers}: expected at least 1")
+    if pcfg.batch_size < pcfg.workers:
+        raise BenchError(f"pretrain.batch_size {pcfg.batch_size}: expected at least one image per worker "
+                         f"({pcfg.workers} worker(s))")
     if pcfg.batch_size % pcfg.workers:
         raise BenchError(f"--workers {pcfg.workers}: pretrain.batch_size {pcfg.batch_size} must be divisible by the "
                          f"number of workers (each takes an equal share of the global batch)")

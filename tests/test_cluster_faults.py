@@ -271,3 +271,45 @@ def test_driver_sigkilled_and_rerun_matches_an_uninterrupted_run(tmp_path, monke
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_submit_stop_ends_the_job_and_what_it_started(tmp_path, monkeypatch):
+    """``bench submit --stop`` returns once the job is STOPPED and its actors (Ray Train controller and workers)
+    are dead: the cluster's CPUs are free again for the next job."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    _private_ray_tmp(monkeypatch)
+    dash = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    try:
+        cluster.wait_for_nodes()
+        address = f"http://127.0.0.1:{dash}"
+        storage = tmp_path / "runs"
+        cmd = [sys.executable, "-m", "bench", "submit", "--address", address, "--no-follow", "--",
+               "run", "--methods", "dino", "--tasks", "linseg", "--run-id", "stop", "--storage", str(storage),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}", "--set", "pretrain.cpus_per_worker=1"] + \
+            tiny_argv("--set", "pretrain.steps_per_epoch=500")
+        sub = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
+        job_id = sub.stdout.strip().splitlines()[-1]
+        metrics = storage / "stop" / "dino" / "metrics.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and not metrics.exists():
+            time.sleep(1.0)
+        assert metrics.exists(), "the job never started pretraining"
+        stop = subprocess.run([sys.executable, "-m", "bench", "submit", "--address", address, "--stop", job_id],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert stop.stdout.strip() == f"job {job_id} STOPPED; its actors have ended", stop.stdout
+        ray.init(address=cluster.address, logging_level="ERROR")
+        deadline = time.time() + 30
+        while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 2  # nothing of the job holds CPUs any more
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
