@@ -124,10 +124,12 @@ def test_bench_run_on_a_local_ray_refuses_within_seconds(tmp_path, flags):
     proc = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "dino", "--tasks", "linseg",
                            "--no-progress", "--set", "data.synthetic.num_train=16", "--set", "data.synthetic.num_val=8",
                            *flags], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
     elapsed = time.monotonic() - t0
     err = [ln for ln in proc.stderr.strip().splitlines() if " INFO mlflow" not in ln]  # a new store's notes
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(err) == 1 and err[0].startswith(f"error: {flags[0]}"), proc.stderr
     assert "the Ray cluster has" in err[0] and "Traceback" not in proc.stderr
-    assert elapsed < 60  # Ray's start included; before: still waiting after 180 s
+    # Ray's start included (about 10 s on an idle 2-core machine; a shared one is slower); before: still
+    # waiting after 180 s
+    assert elapsed < 150
