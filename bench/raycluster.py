@@ -57,12 +57,41 @@ def init_ray(address: str = "", num_cpus: int | None = None):
                              f"`ray start --head`, or leave --address out for a local Ray") from None
     else:
         dashboard = os.environ.get("BENCH_RAY_DASHBOARD", "0") == "1"
+        before = _children()
         ray.init(address=LOCAL, num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
+        _guard(sorted(_children() - before))
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     install_stop_signals()
     return ray
+
+
+def _children() -> set[int]:
+    """Pids of this process's children (Linux); empty elsewhere."""
+    out: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{os.getpid()}/task")
+    except OSError:
+        return out
+    for tid in tasks:  # children are listed per thread that started them
+        try:
+            with open(f"/proc/{os.getpid()}/task/{tid}/children") as fh:
+                out |= {int(p) for p in fh.read().split()}
+        except OSError:
+            continue
+    return out
+
+
+def _guard(ray_roots: list[int]) -> None:
+    """The local Ray's processes (``gcs_server``, ``raylet`` and what they start) end with this driver, also on
+    SIGKILL: Ray's parent-death signal reaches its direct children, but the raylet's DashboardAgent and
+    RuntimeEnvAgent were seen running minutes after a SIGKILLed ``bench run``. A detached reaper
+    (``bench.procgroup``) ends their trees when the driver is gone, and exits by itself after ``ray.shutdown``."""
+    if os.environ.get("BENCH_RAY_REAPER", "1") != "0":
+        from bench.procgroup import start_reaper
+
+        start_reaper(ray_roots)
 
 
 def _interrupt(signum, frame):
