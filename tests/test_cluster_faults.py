@@ -179,17 +179,12 @@ def test_worker_node_removed_mid_pretraining_continues_on_the_remaining_nodes(tm
                 steps = _steps(out_dir)
                 rank1 = out_dir / "workers" / "rank_1.json"
                 if steps and steps[-1] >= 5 and rank1.exists():
-                    node_id = json.loads(rank1.read_text())["node_id"]
-                    for node in workers:
-                        if node.unique_id == node_id:
+                    hosts = {json.loads((out_dir / "workers" / f"rank_{r}.json").read_text())["node_id"]
+                             for r in (0, 1)}
+                    for node in workers:  # a worker node (never the head) that hosts a Train worker
+                        if node.node_id in hosts and not removed:
                             cluster.remove_node(node, allow_graceful=False)
-                            removed["at"], removed["node"] = steps[-1], node_id
-                    if not removed:  # rank 1 landed on the head: remove the node of rank 0 instead
-                        node_id = json.loads((out_dir / "workers" / "rank_0.json").read_text())["node_id"]
-                        for node in workers:
-                            if node.unique_id == node_id:
-                                cluster.remove_node(node, allow_graceful=False)
-                                removed["at"], removed["node"] = steps[-1], node_id
+                            removed["at"], removed["node"] = steps[-1], node.node_id
                     removed.setdefault("at", None)
                 time.sleep(0.2)
 
