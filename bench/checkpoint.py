@@ -76,3 +76,32 @@ def prune(folder: str, keep: int = 2) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def load_latest_step(folder: str, warn=None) -> dict | None:
+    """The newest step checkpoint in ``folder`` that loads, or None when there is none.
+
+    A newer one that is truncated or corrupt (a disk that filled up, a copy cut short: the atomic writes above
+    never leave one themselves) is renamed to ``<name>.corrupt``, kept for inspection, and ``warn`` is called
+    with one line; the previous checkpoint is tried next, so a resume loses at most ``checkpoint_every`` steps
+    more instead of failing. Several Ray Train workers may call this at once: each ends on the same file.
+    """
+    for step, path in reversed(step_checkpoints(folder)):
+        try:
+            state = load_torch(path)
+            if not isinstance(state, dict) or int(state.get("step", -1)) != step:
+                raise BenchError(f"checkpoint {path}: not a step checkpoint of step {step}")
+            return state
+        except (BenchError, TypeError, ValueError) as exc:
+            try:
+                os.replace(path, path + CORRUPT_SUFFIX)
+            except FileNotFoundError:
+                pass  # another worker moved it first
+            older = [s for s, _ in step_checkpoints(folder) if s < step]
+            then = f"resuming from step {older[-1]}" if older else "no older checkpoint: starting from step 0"
+            line = f"warning: {str(exc).split(';')[0]}, moved to {os.path.basename(path)}{CORRUPT_SUFFIX}; {then}"
+            (warn or (lambda msg: print(msg, flush=True)))(line)
+    return None

@@ -33,6 +33,7 @@ from bench import recipes as recipe_files
 from bench.errors import BenchError
 from bench.ranges import (Range, at_least, check_range, field_range, fraction, momentum_value,  # noqa: F401
                           positive, ranged)
+from bench.names import check_config_names
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunSection:
     address: str = ""  # Ray address; "" starts a local Ray, "auto" joins a running cluster
     recipe: str = ""  # NAME | FILE.yaml | comma list (a name + per-method files); "" = cpu on synthetic, else paper
     estimate: bool = True  # time a few steps before a `paper` run that this machine cannot finish soon
+    resource_timeout_s: float = at_least(600.0, 0)  # an autoscaling cluster may grow this long to fit the request (bench.resources)
     seed: int = ranged(0, ge=0)
     seeds: list = field(default_factory=list)  # pretraining seeds (each method once per seed); empty = [seed]
     cache: bool = True  # reuse finished pretrainings / evaluations with the same key (bench.cache); false recomputes
@@ -226,6 +228,10 @@ def load_yaml(path: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark else ""
         raise BenchError(f"--config {path}: not valid YAML{at}") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"--config {path}: not a text file (expected UTF-8 YAML)") from None
+    except OSError as exc:  # unreadable: permissions, a folder, an I/O error
+        raise BenchError(f"--config {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -390,6 +396,7 @@ def resolve(user: dict) -> BenchConfig:
             raise BenchError(f"{name}: expected a mapping, got {type(user[name]).__name__}")
     top = {name: build(cls, user.get(name), name) for name, cls in TOP_SECTIONS.items()}
     run: RunSection = top["run"]
+    check_config_names(run, top["tracking"])  # run ids and experiment names become paths (bench.names)
     METHODS.validate(list(run.methods), "--methods")
     TASKS.validate(list(run.tasks), "--tasks")
     for opt, name in (("--data", run.data), ("--pretrain-data", run.pretrain_data), ("--eval-data", run.eval_data)):

@@ -95,8 +95,11 @@ class Pipeline:
         if not ray.is_initialized():
             from bench.raycluster import init_ray
 
+            from bench.resources import check_run
+
             t = time.perf_counter()
             init_ray(self.cfg.run.address)
+            check_run(self.cfg, self.console)  # a request the cluster cannot hold fails here, in one line
             self.timings.add("ray_start", time.perf_counter() - t)
         return ray
 
@@ -176,6 +179,8 @@ class Pipeline:
                 todo.append(job)
         if todo:
             self._ray()
+            for job in todo:  # a corrupt newest checkpoint: say so here; the loop resumes from the one before
+                ckpt.load_latest_step(os.path.join(job.out_dir, "checkpoints"), self.console.print)
         k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
         for i in range(0, len(todo), k):
             self._fit_many(todo[i:i + k], k)
@@ -465,7 +470,11 @@ class Pipeline:
 
 
 def run(cfg: BenchConfig, console=None, progress: bool = True) -> list[Row]:
-    return Pipeline(cfg, console, progress).run()
+    from bench.runlock import RunLock
+
+    pipe = Pipeline(cfg, console, progress)
+    with RunLock(pipe.run_dir, pipe.run_id):  # one `bench run` per run id at a time (bench.runlock)
+        return pipe.run()
 
 
 __all__ = ["run", "Pipeline", "TASKS", "parse_seeds", "seeds_of"]

@@ -145,9 +145,8 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
 
     # ---- resume: the newest complete checkpoint of this run, if any
     start = 0
-    found = ckpt.step_checkpoints(ckpt_dir)
-    if found:
-        state = ckpt.load_torch(found[-1][1])
+    state = ckpt.load_latest_step(ckpt_dir)  # a corrupt newest one: the previous one, with a warning
+    if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])

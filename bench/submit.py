@@ -32,12 +32,17 @@ def project_requirements() -> list[str]:
         return list(tomllib.load(fh)["project"]["dependencies"])
 
 
+def _jobs_address(address: str) -> str:
+    if address == "auto":
+        return os.environ.get("RAY_ADDRESS", "") or "http://127.0.0.1:8265"
+    return address
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS", "") or "http://127.0.0.1:8265"
+    address = _jobs_address(address)
     try:
         return JobSubmissionClient(address)
     except Exception as exc:
@@ -130,9 +135,55 @@ def job_logs(address: str, job_id: str) -> str:
         raise BenchError(f"--logs {job_id}: no such job at {address}") from None
 
 
-def job_stop(address: str, job_id: str) -> bool:
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_stop(address: str, job_id: str, timeout_s: float = 120.0) -> str:
+    """Stop a job and wait until it and what it started are gone; returns one line saying so.
+
+    Ray's job supervisor sends the entrypoint and its child processes SIGTERM (``bench run``/``bench tune`` then
+    leave like Ctrl-C, see ``bench.raycluster``) and SIGKILL 3 s later; the job's actors (Ray Train workers and
+    controller, Tune trials) and placement groups end with its driver. This waits for the status to be final and
+    for the job's actors to be dead, so that the next command finds the cluster's resources free.
+    """
     client = _client(address)
     try:
-        return client.stop_job(job_id)
+        info = client.get_job_info(job_id)
     except Exception:
         raise BenchError(f"--stop {job_id}: no such job at {address}") from None
+    status = str(info.status).split(".")[-1]
+    if status in TERMINAL:
+        return f"job {job_id} already {status}"
+    client.stop_job(job_id)
+    deadline = time.monotonic() + timeout_s
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+    if status not in TERMINAL:
+        raise BenchError(f"--stop {job_id}: still {status} after {timeout_s:.0f}s; see `bench submit --address "
+                         f"{address} --logs {job_id}`")
+    ray_job = getattr(client.get_job_info(job_id), "job_id", None) or getattr(info, "job_id", None)
+    left = _live_actors(address, ray_job, deadline) if ray_job else None
+    if left:
+        raise BenchError(f"--stop {job_id}: the job is {status} but {len(left)} of its actors still run after "
+                         f"{timeout_s:.0f}s ({', '.join(sorted(set(left))[:5])})")
+    return f"job {job_id} {status}" + ("; its actors have ended" if left == [] else "")
+
+
+def _live_actors(address: str, ray_job_id: str, deadline: float) -> list[str] | None:
+    """Class names of the job's actors not yet DEAD, polled until none or ``deadline``; None if unknown."""
+    try:
+        from ray.util.state import list_actors
+    except Exception:  # noqa: BLE001 - a Ray without the State API: nothing to wait for
+        return None
+    names: list[str] | None = None
+    while True:
+        try:
+            actors = list_actors(address=_jobs_address(address), filters=[("job_id", "=", ray_job_id)],
+                                 limit=1000, raise_on_missing_output=False)
+            names = [a.class_name for a in actors if a.state != "DEAD"]
+        except Exception:  # noqa: BLE001 - the State API is optional for stopping
+            return names
+        if not names or time.monotonic() >= deadline:
+            return names
+        time.sleep(1.0)

@@ -10,7 +10,11 @@
 3. prints the experiment address, which opens the runs page in MLflow's "Model training" view comparing the
    ``leaderboard.json`` tables of the bench runs (``compareRunsMode=ARTIFACT``), and the newest bench run's
    leaderboard artifact; opens the experiment in a browser only in a graphical session (a console browser
-   would take over the terminal); Ctrl-C (or SIGTERM) stops the server.
+   would take over the terminal); Ctrl-C, SIGTERM or SIGHUP stops the server: the signal is forwarded to the
+   server's whole process group (uvicorn, MLflow's job runner and its huey consumers), escalated to SIGTERM and
+   SIGKILL when ignored, and ``bench ui`` returns only once no process of that group is left, so the port is
+   free. This holds however ``bench ui`` was started: a shell's background job inherits SIGINT and SIGQUIT as
+   ignored, and the server is started with default dispositions for the signals it must obey.
 
 ``--screenshot FILE.png`` instead captures the newest leaderboard with headless Chromium and exits.
 The Chromium helpers (``find_chromium``, ``dump_dom``, ``screenshot``) drive Debian's ``chromium`` package
@@ -32,6 +36,7 @@ import urllib.error
 import urllib.request
 
 from bench.errors import BenchError
+from bench.procgroup import end_group, group_members
 from bench.tracking import resolve_uri
 
 DEFAULT_PORT = 5000
@@ -154,7 +159,7 @@ class UIServer:
         self._log = os.fdopen(fd, "wb")
         env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_signals)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -190,20 +195,16 @@ class UIServer:
         errors = [ln for ln in lines if "Error" in ln or "error" in ln]
         return (errors or lines or ["no output"])[-1].strip()[:300]
 
-    def stop(self, keep_log: bool = False) -> None:
-        """End the process group this object started: Ctrl-C first (``mlflow ui`` then stops its uvicorn
-        worker), SIGTERM if that is ignored, SIGKILL last. The log is removed unless ``keep_log``."""
-        if self.proc is not None and self.proc.poll() is None:
-            for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+    def stop(self, keep_log: bool = False, sig: int = signal.SIGINT) -> None:
+        """End the process group this object started: ``sig`` first (Ctrl-C by default: ``mlflow ui`` then
+        stops its uvicorn worker), SIGTERM if that is ignored, SIGKILL last; return once no process of the group
+        is left (the leader may be gone while its job runner's consumers still run). The log is removed unless
+        ``keep_log``."""
+        if self.proc is not None and (self.proc.poll() is None or group_members(self.proc.pid)):
+            if not end_group(self.proc.pid, sig, (10.0, 5.0, 5.0), reap=self.proc.poll):
+                print(f"bench ui: processes of group {self.proc.pid} are still running after SIGKILL: "
+                      f"{group_members(self.proc.pid)}", file=sys.stderr)
+            self.proc.poll()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -301,10 +302,8 @@ def serve(tracking_uri: str | None, experiment: str = "bench", port: int = DEFAU
     if screenshot_path and run_id is None:
         raise BenchError(f"--screenshot: experiment '{experiment}' has no bench run with a leaderboard yet")
     links = urls(host, port, exp_id, run_id)
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
+    received: list[int] = []
+    previous = _catch_stop_signals(received)  # before the server starts: it inherits default dispositions
     server = UIServer(uri, host, port)
     try:
         server.start()
@@ -322,19 +321,48 @@ def serve(tracking_uri: str | None, experiment: str = "bench", port: int = DEFAU
             import webbrowser
 
             webbrowser.open(links["experiment"])
-        try:
-            code = server.proc.wait()
-        except KeyboardInterrupt:
-            return 0
+        code = server.proc.wait()
         raise BenchError(f"bench ui: mlflow ui stopped by itself (exit {code}): {server.log_tail()}")
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP, also while the server was starting
+        return 0
     finally:
-        server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        # forward the signal that stopped us (SIGINT for Ctrl-C) to the whole group, and wait until it is empty;
+        # a second signal meanwhile must not cut the wait short
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            server.stop(sig=received[0] if received else signal.SIGINT)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM: leave through ``finally`` so the server is stopped too
-    raise KeyboardInterrupt
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _catch_stop_signals(received: list) -> dict:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt (leaving through ``finally`` stops the server), each
+    recorded in ``received``; also when inherited as ignored (a shell's background job): a user who sends one
+    means it. Returns the previous handlers (empty outside the main thread, where signals cannot be set)."""
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        return {}
+    return previous
+
+
+def _default_signals() -> None:
+    """In the server's process, before exec: default SIGINT/SIGQUIT/SIGTERM/SIGHUP, whatever we inherited."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 __all__ = ["serve", "check_store", "check_port", "locate", "urls", "UIServer", "find_chromium", "dump_dom",

@@ -112,6 +112,9 @@ class Search(SearchSummary):
         self.parent, self.tracker = parent, tracker
 
         init_ray(c.run.address)
+        from bench.resources import check_search
+
+        check_search(c, self.pcfg, self.console)  # a trial the cluster cannot hold fails here, in one line
         res = ray.cluster_resources()
         concurrent, cpw, notes = plan_resources(self.pcfg.workers, self.pcfg.cpus_per_worker, self.pcfg.gpu,
                                                 o.concurrent, o.trials, int(res.get("CPU", 1)), int(res.get("GPU", 0)))
