@@ -46,7 +46,7 @@ LAYER_OF = {
     "bench.pipeline": "orchestration", "bench.perf": "orchestration", "bench.submit": "orchestration",
     "bench.ui": "orchestration", "bench.reproduce": "orchestration", "bench.recipe_tools": "orchestration",
     # the command line
-    "bench.cli": "cli", "bench.__main__": "cli",
+    "bench.cli": "cli", "bench.cli_parser": "cli", "bench.__main__": "cli",
 }
 
 PACKAGES = ("bench", "methods", "tasks")
