@@ -141,12 +141,12 @@ def test_record_warning_and_tags_count_the_values_that_differ_from_paper():
     assert recipe_tools.differences(changed, "dino") == [{"key": "methods.dino.n_local", "value": 2, "paper": 8}]
     cpu = _cfg(data="voc12", recipe="cpu")
     n = len(recipe_tools.differences(cpu, "dino"))
-    assert n == 20  # the 20 lines of `bench recipe diff dino paper cpu`
+    assert n == 21  # the 21 lines of `bench recipe diff dino paper cpu` (20 + blur_ref_size 0 → 224)
     line = recipe_tools.warning_line(cpu)
-    assert line.startswith("warning: real data") and "dino (cpu) 20" in line and "\n" not in line
+    assert line.startswith("warning: real data") and "dino (cpu) 21" in line and "\n" not in line
     assert recipe_tools.warning_line(_cfg(recipe="cpu")) == ""  # synthetic: no published configuration applies
     tags = recipe_tools.tags(cpu, "dino")
-    assert tags == {"recipe": "cpu", "recipe_hash": recipes.builtin("dino")["cpu"].hash(), "recipe_changes": "20"}
+    assert tags == {"recipe": "cpu", "recipe_hash": recipes.builtin("dino")["cpu"].hash(), "recipe_changes": "21"}
     assert recipe_tools.tags(cpu)["recipe"] == "cpu"  # the parent run
 
 
@@ -172,7 +172,7 @@ def test_paper_run_needs_init_where_the_paper_starts_from_weights(tmp_path):
 def test_cli_warns_on_real_data_then_fails_on_the_missing_dataset(capsys):
     assert main(["run", "--methods", "dino", "--data", "voc12", "--recipe", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("warning: real data (voc12 → voc12)") and "dino (cpu) 20" in err[0]
+    assert err[0].startswith("warning: real data (voc12 → voc12)") and "dino (cpu) 21" in err[0]
     assert err[-1].startswith("error: data.voc12.root: not set")
 
 
@@ -206,7 +206,7 @@ def test_print_config_is_yaml_keyed_like_set_paths_and_reads_back(tmp_path, caps
     flat = yaml.safe_load(text)
     assert flat["run.recipe"] == "paper" and flat["methods.dino.n_local"] == 8
     assert flat["pretrain.lr"] == pytest.approx(0.002) and flat["backbone.name"] == "vit_small_p16"
-    assert "# dino: recipe paper (version 1, hash" in text
+    assert "# dino: recipe paper (version 2, hash" in text
     assert all(k.split(".")[0] in ("run", "tracking", "tasks", "data", "methods", "pretrain", "backbone")
                for k in flat)
     back = tmp_path / "resolved.yaml"
@@ -222,15 +222,26 @@ def test_print_config_several_methods_one_document_each(capsys):
     assert len(docs) == 3 and "methods.dino.n_local" in docs[1] and "methods.clove.n_local" in docs[2]
 
 
-def test_recipe_commands(capsys):
+def test_recipe_commands(capsys, tmp_path):
     assert main(["recipe", "diff", "dino", "paper", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("dino: 20 of 34 values differ between paper and cpu")
+    assert out.startswith("dino: 21 of 37 values differ between paper and cpu")
+    assert "methods.dino.blur_ref_size: 0 → 224" in out and "pretrain.warmup_start_factor" not in out  # both 0
     assert "methods.dino.n_local: 8 → 2" in out and "main_dino.py --local_crops_number 8" in out
     assert "pretrain.lr: 0.002 → 0.001" in out and "0.0005 per 256 images × batch 1024" in out
     assert main(["recipe", "show", "leopart"]) == 0
     out = capsys.readouterr().out
-    assert "dino_deitsmall16_pretrain.pth" in out and "pending methods.leopart.teacher_eval_mode" in out
+    assert "dino_deitsmall16_pretrain.pth" in out and "methods.leopart.blur_ref_size = 0    [" in out
+    path = _write(tmp_path, """
+        method: leopart
+        recipes:
+          mine:
+            values: {pretrain.epochs: 3}
+            pending:
+              - {key: methods.leopart.x, value: 1, source: my notes, why: no such field yet}
+        """)
+    assert main(["recipe", "show", "leopart", "--recipe", path]) == 0
+    assert "  pending methods.leopart.x = 1    [my notes; no such field yet]" in capsys.readouterr().out
     assert main(["recipe", "list"]) == 0
     out = capsys.readouterr().out
     assert all(f"{m:8s} paper" in out and f"{m:8s} cpu" in out for m in ("dino", "clove", "croc", "leopart", "vice"))

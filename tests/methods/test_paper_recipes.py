@@ -15,6 +15,8 @@ METHODS = ["dino", "clove", "croc", "leopart", "vice"]
 # Transcribed from /work/shared/specs/methods.md (section in the comment), not from the recipe files.
 SPEC = {
     "dino": {  # §0.2 (+ the DINO README's ViT-S/16 "boosting" run: teacher_temp 0.07 / 30 warm-up epochs / no last norm)
+        # blur_ref_size 0 everywhere: σ U(0.1, 2) in the output crop's pixels, as PIL/torchvision blur (§0.2, §1.2 step 8,
+        # §2.2, §3.2, §4.2); warm-up start 0 where the reference warms up from 0 (DINO's cosine_scheduler)
         "backbone.name": "vit_small_p16", "backbone.drop_path": 0.1, "methods.dino.out_dim": 65536,
         "methods.dino.hidden_dim": 2048, "methods.dino.bottleneck_dim": 256, "methods.dino.use_bn_in_head": False,
         "methods.dino.momentum_teacher": 0.996, "methods.dino.teacher_temp": 0.07,
@@ -25,7 +27,8 @@ SPEC = {
         "methods.dino.freeze_last_layer": 1, "methods.dino.embedding": "cls",
         "pretrain.optimizer": "adamw", "pretrain.lr": 0.0005 * 1024 / 256, "pretrain.warmup_epochs": 10.0,
         "pretrain.min_lr": 1e-6, "pretrain.weight_decay": 0.04, "pretrain.weight_decay_end": 0.4,
-        "pretrain.clip_grad": 3.0},
+        "pretrain.clip_grad": 3.0, "backbone.output_stride": 0, "methods.dino.blur_ref_size": 0,
+        "pretrain.warmup_start_factor": 0.0},
     "clove": {  # §2.1-2.5
         "backbone.name": "resnet50", "methods.clove.proj_hidden_dim": 4096, "methods.clove.proj_dim": 256,
         "methods.clove.attn_heads": 8, "methods.clove.momentum": 0.99, "methods.clove.pos_ratio": 0.7,
@@ -34,7 +37,8 @@ SPEC = {
         "methods.clove.global_scale": [0.2, 1.0], "methods.clove.local_scale": [0.08, 0.3],
         "pretrain.optimizer": "lars", "pretrain.momentum": 0.9, "pretrain.lr": 2048 / 256 * 1.0,
         "pretrain.min_lr": 0.01 * 2048 / 256, "pretrain.warmup_epochs": 5.0, "pretrain.weight_decay": 2e-5,
-        "pretrain.epochs": 400},
+        "pretrain.epochs": 400, "backbone.output_stride": 0, "methods.clove.blur_ref_size": 0,
+        "pretrain.warmup_start_factor": 0.01},
     "croc": {  # §3.1-3.5
         "backbone.name": "vit_small_p16", "backbone.drop_path": 0.1, "methods.croc.out_dim": 65536,
         "methods.croc.out_dim_c": 8192, "methods.croc.hidden_dim": 2048, "methods.croc.bottleneck_dim": 256,
@@ -46,7 +50,8 @@ SPEC = {
         "methods.croc.global_size": 224, "methods.croc.global_scale": [0.25, 1.0],
         "pretrain.lr": 0.0005 * 256 / 256, "pretrain.batch_size": 256, "pretrain.epochs": 300,
         "pretrain.warmup_epochs": 10.0, "pretrain.min_lr": 1e-6, "pretrain.weight_decay_end": 0.4,
-        "pretrain.clip_grad": 3.0},
+        "pretrain.clip_grad": 3.0, "backbone.output_stride": 0, "methods.croc.blur_ref_size": 0,
+        "pretrain.warmup_start_factor": 0.0},
     "leopart": {  # §4.1-4.4
         "backbone.name": "vit_small_p16", "backbone.drop_path": 0.1, "methods.leopart.momentum_teacher": 0.9995,
         "methods.leopart.hidden_dim": 2048, "methods.leopart.out_dim": 256, "methods.leopart.n_prototypes": 300,
@@ -57,7 +62,8 @@ SPEC = {
         "methods.leopart.blur_sigma": 0.6, "methods.leopart.blur_kernel": 7, "methods.leopart.queue_length": 8192,
         "methods.leopart.backbone_lr_scale": 0.1, "pretrain.lr": 1e-4, "pretrain.min_lr": 0.0,
         "pretrain.weight_decay": 0.04, "pretrain.weight_decay_end": 0.5, "pretrain.epochs": 50,
-        "pretrain.batch_size": 64},
+        "pretrain.batch_size": 64, "backbone.output_stride": 0, "methods.leopart.blur_ref_size": 0,
+        "pretrain.warmup_epochs": 0.0, "pretrain.warmup_start_factor": 0.0},
     "vice": {  # §1.2-1.6
         "backbone.name": "resnet50", "methods.vice.n_views": 5, "methods.vice.view_size": 400,
         "methods.vice.resize_range": [0.5, 1.5], "methods.vice.min_img_size": 500, "methods.vice.region_size": 20,
@@ -66,7 +72,9 @@ SPEC = {
         "methods.vice.temperature": 0.1, "methods.vice.epsilon": 0.05, "methods.vice.sinkhorn_iters": 3,
         "methods.vice.freeze_prototypes_iters": 313, "methods.vice.queue_length": 160000,
         "methods.vice.queue_start_iter": 313, "pretrain.lr": 0.32, "pretrain.min_lr": 0.00032,
-        "pretrain.batch_size": 128, "pretrain.epochs": 12, "pretrain.weight_decay": 1e-6, "pretrain.momentum": 0.9},
+        "pretrain.batch_size": 128, "pretrain.epochs": 12, "pretrain.weight_decay": 1e-6, "pretrain.momentum": 0.9,
+        "backbone.output_stride": 8, "methods.vice.trunk": "deeplabv3plus", "methods.vice.aspp_rates": [12, 24, 36],
+        "methods.vice.blur_ref_size": 0, "pretrain.optimizer": "larc", "pretrain.warmup_start_factor": 0.02 / 0.32},
 }
 
 # published initial weights (§1.3 ViCE: supervised ImageNet; §4.1 Leopart: DINO)
@@ -108,8 +116,8 @@ def test_cpu_recipe_is_todays_defaults(method):
     assert load_config(None, [], {"run": {"methods": [method]}}).recipes[method].name == "cpu"
 
 
-def _build(method, recipe="paper"):
-    cfg = load_config(None, [], {"run": {"methods": [method], "recipe": recipe}})
+def _build(method, recipe="paper", sets=()):
+    cfg = load_config(None, list(sets), {"run": {"methods": [method], "recipe": recipe}})
     args = (method, to_dict(cfg.methods[method]), cfg.backbone_for(method), Schedule(10, 10, 1, 1))
     with torch.random.fork_rng(devices=[]):
         try:
@@ -142,17 +150,34 @@ def test_paper_model_builds_with_the_published_views_and_heads(method):
     assert not missing, sorted(shapes, key=len)[:20]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the dilated ResNet-50 (output stride 8) that 'methods' is adding; "
-                                       "then view_size 400 is a multiple of the stride and this must pass")
-def test_vice_paper_model_builds_with_five_400px_views_and_128_prototypes():
+def test_vice_paper_model_builds_the_dilated_deeplabv3plus_trunk():
+    """On the meta device (no memory, no compute; a forward gives shapes only) the 400-px paper model builds: a
+    ResNet-50 dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4, no stride-2 conv left in them), ASPP
+    at rates 12/24/36, the 128-d map at stride 4 and 128 prototypes (spec §1.3)."""
     m = _build("vice")
+    assert next(m.parameters()).is_meta  # built on meta: a real 400-px ResNet-50 at OS 8 is too heavy here
     spec = m.view_spec()
-    assert (spec.n_views, spec.view_size) == (5, 400)
+    assert (spec.n_views, spec.view_size, spec.blur_ref_size) == (5, 400, 0)
     assert (128, 128) in _shapes(m)
+    assert type(m.trunk).__name__ == "DeepLabV3Plus" and m.trunk.backbone.stride == 8
+    convs = {n: c for n, c in m.trunk.backbone.named_modules() if isinstance(c, torch.nn.Conv2d)}
+    deep = {n: c for n, c in convs.items() if ".layer3." in f".{n}" or ".layer4." in f".{n}"}
+    assert deep and all(c.stride == (1, 1) for c in deep.values())
+    # the 3×3 convs; a dilated stage's first block keeps the previous stage's dilation (timm and torchvision)
+    assert {c.dilation[0] for n, c in deep.items() if "layer3" in n and c.kernel_size == (3, 3)} == {1, 2}
+    assert {c.dilation[0] for n, c in deep.items() if "layer4" in n and c.kernel_size == (3, 3)} == {2, 4}
+    aspp = sorted(c.dilation[0] for c in m.trunk.aspp.modules() if isinstance(c, torch.nn.Conv2d) and c.dilation[0] > 1)
+    assert aspp == [12, 24, 36]
+    x = torch.empty(2, 3, 400, 400, device="meta")
+    assert tuple(m.trunk.backbone.forward_dense(x).shape) == (2, 2048, 50, 50)  # 400 / 8
+    assert tuple(m.trunk.eval()(x).shape) == (2, 128, 100, 100)  # 400 / 4, before the loss's upsampling
 
 
-def test_vice_paper_stops_with_one_line_until_the_trunk_is_dilated():
+def test_vice_paper_without_the_dilation_stops_with_one_line():
     from bench.errors import BenchError
 
     with pytest.raises(BenchError, match="view_size: 400 must be a multiple of the backbone stride 32"):
-        _build("vice")
+        _build("vice", sets=["backbone.output_stride=0"])
+    with pytest.raises(BenchError, match="trunk=deeplabv3plus: needs a ResNet backbone at output stride 8 .* at "
+                                         "stride 32"):
+        _build("vice", sets=["backbone.output_stride=0", "methods.vice.view_size=416"])
