@@ -32,7 +32,7 @@ def test_two_seeds_pretrain_side_by_side_on_two_cpus(tmp_path, monkeypatch, caps
     import json
 
     from bench.cli import main
-    from tests.conftest import tiny_argv
+    from tests.support import tiny_argv
 
     monkeypatch.chdir(tmp_path)
     try:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import tiny_argv
+from tests.support import tiny_argv
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

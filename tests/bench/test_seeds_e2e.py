@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench.cli import main
-from tests.conftest import tiny_argv
+from tests.support import tiny_argv
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from bench.cli import main
-from tests.conftest import tiny_argv
+from tests.support import tiny_argv
 
 pytestmark = pytest.mark.slow
 
