@@ -180,8 +180,10 @@ def _live_actors(address: str, ray_job_id: str, deadline: float) -> list[str] | 
     while True:
         try:
             actors = list_actors(address=_jobs_address(address), filters=[("job_id", "=", ray_job_id)],
-                                 limit=1000, raise_on_missing_output=False)
-            names = [a.class_name for a in actors if a.state != "DEAD"]
+                                 limit=1000, detail=True, raise_on_missing_output=False)
+            # detached actors (Ray Train's cluster-wide TrainStateActor, _AutoscalingCoordinatorActor) are meant to
+            # outlive the job that created them; they hold no CPUs
+            names = [a.class_name for a in actors if a.state != "DEAD" and not getattr(a, "is_detached", False)]
         except Exception:  # noqa: BLE001 - the State API is optional for stopping
             return names
         if not names or time.monotonic() >= deadline:
