@@ -44,7 +44,7 @@ def test_train_loop_resumes_from_previous_when_newest_is_corrupt(tmp_path):
     """The real loop (no Ray): train 6 steps with checkpoints at 2 and 4, corrupt step 4, resume: it restarts at
     step 2 and ends at step 6 with the same metrics log as an uninterrupted run."""
     from bench.config import load_config
-    from bench.pipeline import loop_config
+    from bench.loopconfig import loop_config
     from bench.pretrain import read_metrics, train_loop
 
     sets = ["pretrain.epochs=1", "pretrain.steps_per_epoch=6", "pretrain.batch_size=4", "pretrain.log_every=1",
@@ -56,7 +56,7 @@ def test_train_loop_resumes_from_previous_when_newest_is_corrupt(tmp_path):
 
     # an interrupted run: its checkpoints of steps 2 and 4 (from a copy trained with pruning off), the newest one
     # truncated, and its metrics log up to step 5
-    loop = loop_config(cfg, "dino", cfg.pretrain_for("dino"), str(tmp_path / "full"), 1)
+    loop = loop_config(cfg, "dino", cfg.pretrain_for("dino"), str(tmp_path / "full"), 1).to_dict()
     orig_prune = ckpt.prune
     try:
         ckpt.prune = lambda folder, keep=2: None
