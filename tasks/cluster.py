@@ -19,8 +19,7 @@ holds the mean per-class IoU, the per-seed mIoU / accuracy, the k-means inertia 
 cluster→class mapping.
 
 K-means (``methods.common.clustering.kmeans``) runs on the task's device: greedy k-means++ seeding (as
-scikit-learn, on a ≤ max(50k, 1024·K)-point sample) and Lloyd iterations on all fit points (faiss on CPU, torch on
-a GPU) until the centroid shift is below ``tol`` × the mean feature variance (at most ``iters``).
+scikit-learn, on a ≤ max(50k, 1024·K)-point sample) and Lloyd iterations in torch on all fit points until the centroid shift is below ``tol`` × the mean feature variance (at most ``iters``).
 
 Deviations: PiCIE fits faiss K-means then mini-batch updates on the curated *train* images; this is plain
 batch K-means on (a ≤ ``max_fit_points`` subsample of) at most ``max_fit_images`` train images' tokens, which

@@ -6,7 +6,7 @@ Every benchmark records what it compared and both figures; the environment (vers
 report. Run them on an idle machine for figures worth quoting.
 
     sinkhorn   methods/common/sinkhorn.py vs POT ``ot.sinkhorn`` at the methods' sizes, same iterations (micro)
-    kmeans     k-means Lloyd engines faiss vs torch from the same seeds, scikit-learn's inertia beside (micro)
+    kmeans     the cluster task's k-means (torch) against scikit-learn: time and inertia (micro)
     ray        the pretraining loop through TorchTrainer (1 worker) vs called directly, per method (training)
     data       view-pipeline images/s vs training-step images/s, per method (training)
     headline   ``bench run --methods vice,clove,croc --tasks linseg`` wall time by phase; ``--profile`` adds

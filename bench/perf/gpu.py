@@ -1,6 +1,6 @@
 """``bench perf --gpu``: each method's paper-scale training step at bf16 on one GPU (images/s, peak memory, model
 FLOP utilisation), the view pipeline's images/s, linseg feature-extraction throughput, and the cluster task's
-k-means (torch engine on the GPU vs faiss on the CPU), in one command
+k-means (the torch engine on the GPU), in one command
 (about 8 minutes or less on one GPU). Results: ``<out>-gpu.json`` and ``<out>-gpu.md`` (``results/perf-gpu.md``).
 
 MFU = FLOPs of one step (forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls
@@ -243,7 +243,7 @@ def run_gpu(methods: list[str], out_prefix: str, peak_tflops: float = 0.0, conso
     for key, fn in (("step_bf16", lambda: [bench_step(m, peak) for m in methods]),
                     ("views", lambda: [bench_views(m, workers) for m in methods]),
                     ("linseg_extract", lambda: bench_extract(peak)),
-                    # the cluster task's k-means: the torch engine on the GPU vs faiss-cpu on this machine's CPUs
+                    # the cluster task's k-means (torch) on the GPU
                     ("kmeans", lambda: bench_kmeans(seeds=3, gpu=True))):
         t = time.perf_counter()
         report["results"][key] = fn()

@@ -1,13 +1,12 @@
 """k-means of token features, shared by the ``cluster`` task and the pretraining proxy (``bench/proxy.py``):
-k-means++ seeding and Lloyd iterations by one of two engines (faiss or torch) from the same seeding, so equal seeds
-mean equal starting centroids. Shapes: N points, D feature width, K clusters.
+k-means++ seeding and Lloyd iterations in torch, on the features' device. Shapes: N points, D feature width, K
+clusters.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from bench.errors import BenchError
@@ -63,31 +62,23 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(centres)
 
 
-KMEANS_ENGINES = ("faiss", "torch")
-# The Lloyd engine of ``kmeans`` on CPU tensors (a GPU tensor always runs the torch engine, faiss-cpu has no GPU).
-# `bench perf --only kmeans` compares both at equal seeds (docs/perf.md); the slower one is to be deleted.
-KMEANS_ENGINE = "faiss"
-
-
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float = 1e-4, n_init: int = 1,
-           init_points: int = 0, chunk: int = 32768, engine: str = "") -> tuple[torch.Tensor, float]:
+           init_points: int = 0, chunk: int = 32768) -> tuple[torch.Tensor, float]:
     """x N×D float -> (centroids K×D on x's device, inertia = Σ squared distance to the nearest centroid), the
     best of ``n_init`` runs (k-means++ seeding + Lloyd).
 
-    Seeding (``kmeans_pp``, the same for both engines and seeds) runs on at most ``init_points`` random points
+    Seeding (``kmeans_pp``) runs on at most ``init_points`` random points
     (0: max(50,000, 1024·K); scikit-learn seeds on all points, faiss on 256 per centroid), Lloyd on all of them
     until the squared centroid shift is below ``tol`` × the mean feature variance or after ``iters`` iterations.
-    ``engine``: ``torch`` (chunked fused E+M steps; empty clusters re-seeded with the points farthest from their
-    centroids, as scikit-learn) or ``faiss`` (``faiss.Clustering`` on all points, no subsampling; empty clusters
-    split from large ones, as faiss does); '' = ``KMEANS_ENGINE`` on CPU, torch on a GPU.
+    Lloyd runs in torch on x's device (chunked fused E+M steps; empty clusters re-seeded with the points farthest
+    from their centroids, as scikit-learn). ``faiss.Clustering`` from the same seeding was measured slower at equal
+    inertia on the cluster task's sizes (0.56× and 0.67× of this engine's speed, results/perf-after.md), so it
+    was removed.
     """
     x = x.float()
     n = x.shape[0]
     if n < k:
         raise BenchError(f"cluster: {n} feature vectors for K={k} clusters; use more images or a smaller k")
-    engine = engine or ("torch" if x.device.type != "cpu" else KMEANS_ENGINE)
-    if engine not in KMEANS_ENGINES:
-        raise BenchError(f"kmeans engine '{engine}': expected one of {', '.join(KMEANS_ENGINES)}")
     gen = torch.Generator().manual_seed(seed)
     thresh = tol * float(x.var(0).mean())
     x_sq = (x * x).sum(1)
@@ -96,10 +87,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0, tol: float 
     for _ in range(max(1, n_init)):
         sub = x if n <= init_points else x[torch.randperm(n, generator=gen)[:init_points].to(x.device)]
         c0 = kmeans_pp(sub, k, gen)
-        if engine == "faiss":
-            c = _lloyd_faiss(x.cpu(), c0.cpu(), iters, thresh, seed).to(x.device)
-        else:
-            c = _lloyd(x, x_sq, c0, iters, thresh, chunk)
+        c = _lloyd(x, x_sq, c0, iters, thresh, chunk)
         _, d = assign(x, c)
         inertia = float(d.double().sum())
         if best is None or inertia < best[1]:
@@ -133,37 +121,3 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, iters: int, thr
         if shift <= thresh:
             break
     return c
-
-
-def _lloyd_faiss(x: torch.Tensor, c: torch.Tensor, iters: int, thresh: float, seed: int,
-                 block: int = 5) -> torch.Tensor:
-    """Lloyd iterations by ``faiss.Clustering`` from the centroids ``c`` (K×D), on every point of x (N×D, CPU),
-    in blocks of ``block`` iterations: faiss has no tolerance, so the loop stops when a block moved the centroids
-    less than ``thresh`` (squared shift summed over the block's start and end: at least as strict as the torch
-    engine's per-iteration test)."""
-    import faiss
-
-    n, d = x.shape
-    k = c.shape[0]
-    faiss.omp_set_num_threads(torch.get_num_threads())  # a Ray worker's share, not the whole machine
-    xs = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-    index = faiss.IndexFlatL2(d)
-    cur = np.ascontiguousarray(c.numpy(), dtype=np.float32)
-    done = 0
-    while done < iters:
-        step = min(block, iters - done)
-        cp = faiss.ClusteringParameters()
-        cp.niter, cp.seed, cp.verbose = step, seed, False
-        cp.max_points_per_centroid = n // k + 1  # never subsample: Lloyd on all points, as the torch engine
-        cp.min_points_per_centroid = 1  # no warning for small fits
-        clus = faiss.Clustering(d, k, cp)
-        faiss.copy_array_to_vector(cur.ravel(), clus.centroids)  # initialised centroids are used as the start
-        index.reset()
-        clus.train(xs, index)
-        new = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
-        done += step
-        shift = float(((new.astype(np.float64) - cur) ** 2).sum())
-        cur = new
-        if shift <= thresh:
-            break
-    return torch.from_numpy(cur.copy())
