@@ -8,6 +8,17 @@ from bench.config import PretrainConfig
 from bench.errors import BenchError
 
 
+def _momentum_step(state: dict, p: torch.Tensor, d_p: torch.Tensor, momentum: float, lr: float) -> None:
+    """SGD with momentum, no Nesterov, no dampening (torch.optim.SGD's rule), shared by LARS and LARC:
+    buf ← momentum·buf + d_p (buf = d_p at the first step), p ← p − lr·buf."""
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = d_p.clone()
+    else:
+        buf.mul_(momentum).add_(d_p)
+    p.add_(buf, alpha=-lr)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as used by BYOL/PixPro/CLoVE.
 
@@ -35,13 +46,7 @@ class LARS(torch.optim.Optimizer):
                     ratio = group["eta"] * p_norm / (g_norm + group.get("eps", 1e-8))
                     trust = torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(p_norm))
                     d_p = d_p.mul(trust)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d_p.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d_p)
-                p.add_(buf, alpha=-group["lr"])
+                _momentum_step(self.state[p], p, d_p, group["momentum"], group["lr"])
         return loss
 
 
@@ -73,13 +78,7 @@ class LARC(torch.optim.Optimizer):
                     ratio = torch.clamp(ratio / group["lr"], max=1.0)
                 ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
                 d_p = p.grad.add(p, alpha=wd).mul(ratio) if wd else p.grad.mul(ratio)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d_p.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d_p)
-                p.add_(buf, alpha=-group["lr"])
+                _momentum_step(self.state[p], p, d_p, group["momentum"], group["lr"])
         return loss
 
 

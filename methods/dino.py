@@ -20,11 +20,10 @@ from bench.errors import BenchError
 from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
 from methods.base import Method, Schedule
-from methods.base import split_decay
 from methods.common.crops import forward_by_resolution
 from methods.common.dino_loss import DINOLoss
 from methods.common.heads import DINOHead
-from methods.common.teacher import EMASchedule, make_teacher
+from methods.common.teacher import EMASchedule, SelfDistillationHooks, make_teacher
 
 
 @dataclass
@@ -84,7 +83,7 @@ class DINOPair(nn.Module):
 
 
 @METHODS.register("dino")
-class DINO(Method):
+class DINO(SelfDistillationHooks, Method):
     config_class = DINOConfig
     # lr 1e-3 for the CPU default's batch 32 (ref 0.0005·B/256 over 100+ epochs; far too slow for 240 steps);
     # 5 epochs: 58.30 vs 57.06 with 3, and `bench run --methods dino` stays under 5 minutes
@@ -119,20 +118,6 @@ class DINO(Method):
         student_out = self.student(views)
         loss = self.loss_fn(student_out, teacher_out, epoch)
         return {"loss": loss, "teacher_temp": self.loss_fn.teacher_temp(epoch), "momentum": self.ema.momentum(step)}
-
-    def on_after_backward(self, step: int) -> None:
-        if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
-            for p in self.student.head.last_layer_params():
-                p.grad = None
-
-    def after_step(self, step: int) -> None:
-        self.ema.update(self.teacher, self.student, step)
-
-    def param_groups(self) -> list[dict]:
-        return split_decay(self.student.named_parameters())
-
-    def eval_backbone(self):
-        return self.teacher.backbone
 
     @classmethod
     def search_space(cls) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from methods.base import split_decay
 from methods.common.schedules import cosine_schedule
 
 
@@ -68,3 +69,28 @@ class EMASchedule:
 
     def update(self, teacher: nn.Module, student: nn.Module, step: int) -> None:
         ema_update(teacher, student, self.momentum(step))
+
+
+class SelfDistillationHooks:
+    """The ``Method`` hooks of the DINO-style self-distillation methods (DINO, CrOC), written once.
+
+    Expects ``self.student`` / ``self.teacher`` (each with ``.backbone``; the student's ``.head`` has
+    ``last_layer_params()``), ``self.ema`` (:class:`EMASchedule`), ``self.schedule`` and
+    ``self.cfg.freeze_last_layer`` (epochs). Mix in before ``Method``: ``class DINO(SelfDistillationHooks, Method)``.
+    """
+
+    def on_after_backward(self, step: int) -> None:
+        """The head's last layer gets no gradient during the first ``freeze_last_layer`` epochs (DINO's trick)."""
+        if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
+            for p in self.student.head.last_layer_params():
+                p.grad = None
+
+    def after_step(self, step: int) -> None:
+        self.ema.update(self.teacher, self.student, step)
+
+    def param_groups(self) -> list[dict]:
+        return split_decay(self.student.named_parameters())
+
+    def eval_backbone(self):
+        """The teacher's backbone: what the references evaluate."""
+        return self.teacher.backbone

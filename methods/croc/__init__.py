@@ -22,11 +22,11 @@ from bench.data.views import BYOL_JITTER, MultiCropSpec, scaled_jitter
 from bench.errors import BenchError
 from bench.ranges import at_least, momentum_value, positive, ranged
 from bench.registry import METHODS
-from methods.base import Method, Schedule, split_decay
+from methods.base import Method, Schedule
 from methods.common.dist import global_count, global_mean
 from methods.common.geometry import cell_centers
 from methods.common.heads import DINOHead
-from methods.common.teacher import EMASchedule, make_teacher
+from methods.common.teacher import EMASchedule, SelfDistillationHooks, make_teacher
 from methods.common.vit_tokens import last_block_attention, tokens_and_head_features
 from methods.croc.clustering import ClusterResult, cluster_views, view_centroids
 from methods.croc.loss import CrOCLoss
@@ -116,7 +116,7 @@ def _rename_loss_centres(state_dict, prefix, *args) -> None:
 
 
 @METHODS.register("croc")
-class CrOC(Method):
+class CrOC(SelfDistillationHooks, Method):
     config_class = CrOCConfig
     pretrain_defaults = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
                          "clip_grad": 3.0, "epochs": 4}
@@ -218,20 +218,6 @@ class CrOC(Method):
         loss, logs = self.loss_fn(s_logits, t_logits, objects, n_local, n_global, epoch)
         return {"loss": loss, **logs, "clusters": float(clusters.n_clusters.float().mean()),
                 "valid_per_image": n_local / (x.shape[0] // 2), "momentum": self.ema.momentum(step)}
-
-    def on_after_backward(self, step: int) -> None:
-        if step // max(self.schedule.steps_per_epoch, 1) < self.cfg.freeze_last_layer:
-            for p in self.student.head.last_layer_params():
-                p.grad = None
-
-    def after_step(self, step: int) -> None:
-        self.ema.update(self.teacher, self.student, step)
-
-    def param_groups(self) -> list[dict]:
-        return split_decay(self.student.named_parameters())
-
-    def eval_backbone(self):
-        return self.teacher.backbone
 
     @classmethod
     def search_space(cls) -> dict:
