@@ -1,5 +1,5 @@
 """Running pretrainings with Ray Train from the driver: several at once when the cluster holds them (seeds side
-by side), with one live progress bar per pretraining."""
+by side), else one after the other in one worker group, with one live progress bar per pretraining."""
 
 from __future__ import annotations
 
@@ -30,19 +30,25 @@ def concurrency(pcfgs: list) -> int:
     return max(1, min(min(ks), len(pcfgs)))
 
 
-def start_fit(cfg, job: Job, pcfg, cpus: int, n_pretrain: int, run_dir: str):
-    """Start ``TorchTrainer.fit`` in a thread; returns (thread, box, total steps). ``box`` gets ``result`` or
-    ``error`` and ``seconds`` (driver wall time) when the thread ends."""
-    from bench.launch import pretraining_trainer
-    from bench.pretrain import plan_schedule
+def start_fit(cfgs: list, jobs: list[Job], pcfg, cpus: int, n_pretrain: int, run_dir: str):
+    """Start one ``TorchTrainer.fit`` in a thread for ``jobs`` (``cfgs``: each job's bench config): one pretraining,
+    or several one after the other in the same worker group (``bench.launch.train_sequence``). Returns (thread,
+    box, total steps per job). ``box`` gets ``result`` or ``error`` and ``seconds`` (driver wall time) when the
+    thread ends; ``wall0`` is its start as ``time.time()``, for the per-job times of a sequence."""
+    from bench.launch import pretraining_trainer, train_sequence
+    from bench.pretrain import plan_schedule, train_loop
 
-    os.makedirs(job.out_dir, exist_ok=True)
-    trainer = pretraining_trainer(loop_config(cfg, job.method, pcfg, job.out_dir, cpus),
-                                  storage=os.path.join(run_dir, "ray"), workers=pcfg.workers, cpus_per_worker=cpus,
-                                  use_gpu=pcfg.gpu, name=f"{job.method}-s{job.seed}-{int(time.time())}",
-                                  max_failures=pcfg.max_failures)
-    total = plan_schedule(pcfg, n_pretrain, pcfg.workers).total_steps
-    box: dict = {"t0": time.perf_counter()}
+    loops = [loop_config(c, j.method, c.pretrain_for(j.method), j.out_dir, cpus) for c, j in zip(cfgs, jobs)]
+    for job in jobs:
+        os.makedirs(job.out_dir, exist_ok=True)
+    name = "-".join(f"{j.method}-s{j.seed}" for j in jobs)[:80]
+    trainer = pretraining_trainer(loops[0] if len(jobs) == 1 else loops, storage=os.path.join(run_dir, "ray"),
+                                  workers=pcfg.workers, cpus_per_worker=cpus, use_gpu=pcfg.gpu,
+                                  name=f"{name}-{int(time.time())}", max_failures=pcfg.max_failures,
+                                  worker=train_loop if len(jobs) == 1 else train_sequence)
+    totals = [plan_schedule(c.pretrain_for(j.method), n_pretrain, pcfg.workers).total_steps
+              for c, j in zip(cfgs, jobs)]
+    box: dict = {"t0": time.perf_counter(), "wall0": time.time()}
 
     def fit():
         try:
@@ -53,7 +59,36 @@ def start_fit(cfg, job: Job, pcfg, cpus: int, n_pretrain: int, run_dir: str):
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    return thread, box, total
+    return thread, box, totals
+
+
+def loop_result(out_dir: str, returned=None) -> dict:
+    """A finished loop's figures: ``loop_result.json`` (rank 0 writes it beside ``final.pt``), else what the fit
+    returned, else {}."""
+    from bench import checkpoint as ckpt
+    from bench.pretrain import RESULT_FILE
+
+    path = os.path.join(out_dir, RESULT_FILE)
+    if os.path.exists(path):
+        try:
+            return ckpt.load_json(path)
+        except (OSError, ValueError):
+            pass
+    return returned if isinstance(returned, dict) else {}
+
+
+def job_seconds(box: dict, results: list[dict]) -> list[float]:
+    """Driver seconds of each job of one fit: the whole fit for one job; in a sequence, from the previous job's
+    end (or the fit's start) to this job's end, so the group's start and stop are charged to the first and last."""
+    if len(results) == 1:
+        return [box["seconds"]]
+    out, prev = [], box["wall0"]
+    for i, res in enumerate(results):
+        end = res.get("ended_at") if i < len(results) - 1 else None
+        end = end if isinstance(end, (int, float)) else prev if i < len(results) - 1 else box["wall0"] + box["seconds"]
+        out.append(max(0.0, end - prev))
+        prev = end
+    return out
 
 
 def follow(console, items: list[tuple[str, str, threading.Thread, int]], show: bool = True) -> None:

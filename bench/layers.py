@@ -27,7 +27,7 @@ LAYER_OF = {
     # declared ahead for modules of the branches in flight (checked against their imports before the merge)
     "bench.recipes": "core", "bench.ranges": "core", "bench.names": "core", "bench.resources": "core",
     "bench.runlock": "core", "bench.procgroup": "core", "bench.viewrng": "core", "bench.cache": "core",
-    "bench.runspec": "core",
+    "bench.runspec": "core", "bench.tensorops": "core",
     # data: datasets, views, backbones: what methods and tasks are built from
     "bench.data": "data", "bench.backbones": "data",
     # plugins: registered by name; they import only core and data (and their own package's shared parts)
@@ -43,7 +43,7 @@ LAYER_OF = {
     # search: Ray Tune + Optuna over a method's space
     "bench.tune": "search", "bench.search_space": "search",
     # orchestration: grids of runs, benchmarks, job submission, the UI server
-    "bench.pipeline": "orchestration", "bench.perf": "orchestration", "bench.submit": "orchestration",
+    "bench.pipeline": "orchestration", "bench.stages_eval": "orchestration", "bench.perf": "orchestration", "bench.submit": "orchestration",
     "bench.ui": "orchestration", "bench.reproduce": "orchestration", "bench.recipe_tools": "orchestration",
     # the command line
     "bench.cli": "cli", "bench.cli_parser": "cli", "bench.__main__": "cli",

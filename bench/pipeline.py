@@ -9,7 +9,9 @@ interrupted pretraining from its last checkpoint and logs what an unavailable ML
 
 Across runs, ``bench.cache`` reuses a finished pretraining or evaluation with the same key (``--no-cache``
 recomputes); the run says what it reused. Seeds are pretrained side by side when the cluster holds several
-pretrainings at once (GPUs, or CPUs with ``pretrain.cpus_per_worker`` set).
+pretrainings at once (GPUs, or CPUs with ``pretrain.cpus_per_worker`` set); otherwise a run's pretrainings go one
+after the other in one Ray Train worker group (``bench.launch.train_sequence``). Evaluations are Ray tasks, all
+submitted at once (``bench.stages_eval``).
 """
 
 from __future__ import annotations
@@ -20,22 +22,21 @@ import time
 
 from bench import checkpoint as ckpt
 from bench.board import BASELINE, Row, baseline_label
-from bench.cache import Cache, code_version, digest, eval_key, link_or_copy, pretrain_key
+from bench.cache import Cache, code_version, link_or_copy, pretrain_key
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
-from bench.fitting import concurrency, follow, start_fit
+from bench.fitting import concurrency, follow, job_seconds, loop_result, start_fit
 from bench import recipe_tools
-from bench.leaderboard import build, export, render, row_recipe
-from bench.registry import DATASETS, TASKS
-from bench.evaluate import eval_spec
+from bench.leaderboard import build, export, render
+from bench.registry import TASKS
 from bench.loopconfig import loop_config
-from bench.runspec import (Job, Timings, _data_settings, _largest_node_cpus, _root_cause, new_run_id, parse_seeds,
-                           seeds_of)
+from bench.runspec import Job, Timings, _root_cause, new_run_id, parse_seeds, seeds_of
 from bench.storage import ensure_writable
+from bench.stages_eval import EvaluationStages
 from bench.tracking import RunLedger, Tracker, run_tags
 
 
-class Pipeline:
+class Pipeline(EvaluationStages):
     def __init__(self, cfg: BenchConfig, console=None, progress: bool = True):
         from rich.console import Console
 
@@ -130,11 +131,8 @@ class Pipeline:
                            f"{', '.join(c.run.tasks)} · data {c.run.pretrain_dataset()} → {c.run.eval_dataset()} · "
                            f"backbone {c.backbone.name}{seeds}")
         self.pretrain_all()
-        rows: list[Row] = []
         evaluated = list(c.run.methods) + ([BASELINE] if c.run.baseline else [])
-        for seed in self.seeds:
-            for method in evaluated:
-                rows.extend(self.evaluate(method, seed))
+        rows = self.evaluate_all([(m, s) for s in self.seeds for m in evaluated])
         t = time.perf_counter()
         self.finish(rows)
         self.timings.add("logging", time.perf_counter() - t)
@@ -182,8 +180,8 @@ class Pipeline:
             for job in todo:  # a corrupt newest checkpoint: say so here; the loop resumes from the one before
                 ckpt.load_latest_step(os.path.join(job.out_dir, "checkpoints"), self.console.print)
         k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
-        for i in range(0, len(todo), k):
-            self._fit_many(todo[i:i + k], k)
+        for i in range(0, len(todo), k if k > 1 else max(len(todo), 1)):
+            self._fit_many(todo[i:i + k] if k > 1 else todo, k)
 
     def _prepare(self, method: str, seed: int) -> Job | None:
         c = self._cfg(seed)
@@ -223,35 +221,41 @@ class Pipeline:
         return method if len(self.seeds) == 1 else f"{method} seed {seed}"
 
     def _fit_many(self, jobs: list[Job], k: int) -> None:
+        """``k`` > 1: one fit per job, all at once; ``k`` 1: one fit running ``jobs`` one after the other in one
+        worker group (``bench.launch.train_sequence``)."""
         ray = self._ray()
-        started = []
         avail = int(ray.available_resources().get("CPU", 1))
-        for job in jobs:
-            pcfg = self._cfg(job.seed).pretrain_for(job.method)
-            share = max(1, avail // max(pcfg.workers * len(jobs), 1))
+        groups = [[j] for j in jobs] if k > 1 else [jobs]
+        started = []
+        for group in groups:
+            pcfg = self._cfg(group[0].seed).pretrain_for(group[0].method)
+            share = max(1, avail // max(pcfg.workers * len(groups), 1))
             cpus = pcfg.cpus_per_worker or share
-            started.append((job, cpus, *start_fit(self._cfg(job.seed), job, pcfg, cpus, self.n_pretrain,
-                                                  self.run_dir)))
-        follow(self.console, [(self._name(j.method, j.seed), j.out_dir, th, total)
-                              for j, _, th, _, total in started], self.show_progress)
-        for job, cpus, _thread, box, _total in started:
-            seconds = time.perf_counter() - box["t0"]
-            if "error" in box:
-                raise BenchError(f"pretraining '{self._name(job.method, job.seed)}' failed: "
-                                 f"{_root_cause(box['error'])}; re-run with --run-id {self.run_id} to resume from "
-                                 f"the last checkpoint")
-            result = box["result"]
-            if getattr(result, "error", None):
-                raise BenchError(f"pretraining '{self._name(job.method, job.seed)}' failed: "
-                                 f"{_root_cause(result.error)}; re-run with --run-id {self.run_id} to resume from "
-                                 f"the last checkpoint")
+            started.append((group, cpus, *start_fit([self._cfg(j.seed) for j in group], group, pcfg, cpus,
+                                                    self.n_pretrain, self.run_dir)))
+        follow(self.console, [(self._name(j.method, j.seed), j.out_dir, thread, total)
+                              for group, _, thread, _, totals in started for j, total in zip(group, totals)],
+               self.show_progress)
+        for group, cpus, _thread, box, _totals in started:
+            result = box.get("result")
+            error = box.get("error") or getattr(result, "error", None)
             value = getattr(result, "return_value", None)
-            job.summary = self._summary(job, value if isinstance(value, dict) else {}, box["seconds"], cpus)
-            ckpt.save_json(job.summary, os.path.join(job.out_dir, "pretrain_summary.json"))
-            self.cache.store_pretrain(job.key, os.path.join(job.out_dir, "final.pt"), job.summary,
-                                      {"run_id": self.run_id, "mlflow_run": job.rid, "method": job.method,
-                                       "seed": job.seed})
-            self._log_pretrain(job, seconds)
+            values = value if isinstance(value, list) else [value] * len(group)
+            results = [loop_result(j.out_dir, v) for j, v in zip(group, values)]
+            for job, res, seconds in zip(group, results, job_seconds(box, results)):
+                if not os.path.exists(os.path.join(job.out_dir, "final.pt")):  # the one that failed
+                    raise BenchError(f"pretraining '{self._name(job.method, job.seed)}' failed: "
+                                     f"{_root_cause(error) if error else 'no final checkpoint was written'}; re-run "
+                                     f"with --run-id {self.run_id} to resume from the last checkpoint")
+                job.summary = self._summary(job, res, seconds, cpus)
+                ckpt.save_json(job.summary, os.path.join(job.out_dir, "pretrain_summary.json"))
+                self.cache.store_pretrain(job.key, os.path.join(job.out_dir, "final.pt"), job.summary,
+                                          {"run_id": self.run_id, "mlflow_run": job.rid, "method": job.method,
+                                           "seed": job.seed})
+                self._log_pretrain(job, seconds)
+            if error:
+                raise BenchError(f"pretraining {', '.join(self._name(j.method, j.seed) for j in group)} failed: "
+                                 f"{_root_cause(error)}; re-run with --run-id {self.run_id} to resume")
 
     def _summary(self, job: Job, result: dict, seconds: float, cpus: int) -> dict:
         """The compute a pretraining took: images seen, wall time, device-hours, parameters, peak memory."""
@@ -287,152 +291,6 @@ class Pipeline:
             ips = job.summary.get("images_per_s")
             self.console.print(f"  {self._name(job.method, job.seed)}: pretrained {job.summary.get('steps', '?')} "
                                f"steps in {seconds:.0f}s" + (f" ({ips:.1f} images/s)" if ips else ""))
-
-    # ------------------------------------------------------------------------------- evaluation
-    def _eval_model(self, method: str, final: str | None, spec: dict) -> dict:
-        """What an evaluation's number depends on besides the task: the checkpoint (or the baseline's init)."""
-        if final is None:
-            return {"baseline": True, "backbone": self._backbone_key(), "seed": spec["seed"]}
-        return {"checkpoint": self.cache.checkpoint_hash(final), "method": method, "method_cfg": spec["method_cfg"],
-                "pretrain": {k: v for k, v in spec["pretrain"].items() if k != "cpus_per_worker"},
-                "backbone": self._backbone_key()}
-
-    def evaluate(self, method: str, seed: int | None = None) -> list[Row]:
-        from bench.config import build as build_cfg
-        from bench.evaluate import evaluate_method, protocol_record
-
-        seed = self.seeds[0] if seed is None else seed
-        c = self._cfg(seed)
-        out_dir = self._dir(method, seed)
-        final = None if method == BASELINE else os.path.join(out_dir, "final.pt")
-        spec = eval_spec(c, None if method == BASELINE else method, self.n_pretrain)
-        model = self._eval_model(method, final, spec)
-        keys, protocols = {}, {}
-        for task in c.run.tasks:
-            cls = TASKS.get(task)
-            protocols[task] = protocol_record(cls(build_cfg(cls.config_class, spec["tasks"].get(task, {}),
-                                                            f"tasks.{task}")), task)
-            keys[task] = eval_key(model, task, {k: protocols[task][k] for k in
-                                                ("protocol_name", "protocol_version", "protocol_hash")},
-                                  spec["eval_dataset"], spec["eval_dataset_cfg"])
-        pending = []
-        for task in c.run.tasks:
-            if os.path.exists(os.path.join(out_dir, f"eval_{task}.json")):
-                continue
-            hit = self.cache.lookup_eval(keys[task])
-            if hit:
-                self.cache.restore_eval(hit, out_dir, task)
-                for name in ("features_pca.png", "features_pca.npz"):  # the same model's picture
-                    src = os.path.join(os.path.dirname(hit["result"]), name)
-                    if os.path.exists(src) and not os.path.exists(os.path.join(out_dir, name)):
-                        link_or_copy(src, os.path.join(out_dir, name))
-                self.reused["eval"] += 1
-                self.console.print(f"  {self._label(method)}{'' if len(self.seeds) == 1 else f' seed {seed}'}: "
-                                   f"{task} reused from run {hit.get('run_id')} (same checkpoint, protocol, data, code)")
-            else:
-                pending.append(task)
-        t0 = time.perf_counter()
-        if pending:
-            ray = self._ray()
-            use_gpu = c.pretrain.gpu
-            cpus = _largest_node_cpus()
-            remote = ray.remote(num_cpus=cpus if not use_gpu else 1, num_gpus=1 if use_gpu else 0)(evaluate_method)
-            with self.console.status(f"  evaluating [bold]{self._label(method)}[/bold] on {', '.join(pending)}"):
-                try:
-                    ray.get(remote.remote(method, final, pending, spec, out_dir, use_gpu, cpus))
-                except Exception as exc:
-                    raise BenchError(f"evaluation of '{self._label(method)}' failed: {_root_cause(exc)}") from None
-            for task in pending:
-                self.cache.store_eval(keys[task], os.path.join(out_dir, f"eval_{task}.json"),
-                                      {"run_id": self.run_id, "key": keys[task], "method": method, "seed": seed})
-        self._feature_figure(method, final, out_dir, spec)
-        self.timings.add(f"eval_{method}", time.perf_counter() - t0)
-        compute = self._row_compute(method, out_dir)
-        return [self._log_eval(method, seed, task, out_dir, keys[task], compute) for task in c.run.tasks]
-
-    def _label(self, method: str) -> str:
-        return self.baseline if method == BASELINE else method
-
-    def _row_compute(self, method: str, out_dir: str) -> dict:
-        path = os.path.join(out_dir, "pretrain_summary.json")
-        if method == BASELINE or not os.path.exists(path):
-            return {"images_seen": 0, "pretrain_wall_s": 0.0, "device_h": 0.0}
-        s = ckpt.load_json(path)
-        out = {k: s[k] for k in ("images_seen", "pretrain_wall_s", "device_h", "peak_mem_mb") if k in s}
-        out["device"] = s.get("device", "")
-        return out
-
-    def _log_eval(self, method: str, seed: int, task: str, out_dir: str, key: str, compute: dict) -> Row:
-        c = self._cfg(seed)
-        res = ckpt.load_json(os.path.join(out_dir, f"eval_{task}.json"))
-        if res.get("params"):
-            compute = {**compute, "params": res["params"]}
-        label = self._label(method)
-        data_hash = digest(_data_settings(c.data[c.run.eval_dataset()]))
-        per_image = os.path.join(out_dir, res["per_image_file"]) if res.get("per_image_file") else None
-        cached = res.get("cached_from") or {}
-        row = Row(method=label, task=task, metrics=res["metrics"], primary=res["primary"],
-                  dataset=c.run.eval_dataset(), backbone=c.backbone.name, protocol=res["protocol"],
-                  recipe=getattr(c.run, "recipe", ""), init=os.path.basename(c.backbone.init) if c.backbone.init else "",
-                  pretrain_dataset="" if method == BASELINE else c.run.pretrain_dataset(), data_hash=data_hash,
-                  protocol_name=res.get("protocol_name", task), protocol_version=int(res.get("protocol_version", 1)),
-                  protocol_hash=res.get("protocol_hash", ""), seed=seed, compute=compute,
-                  per_image=[per_image] if per_image else [], display=list(res.get("display_metrics") or []),
-                  higher_is_better=bool(res.get("higher_is_better", True)))
-        tags = self._tags("eval", seed, method=label, task=task, primary=res["primary"], protocol=res["protocol"],
-                          protocol_name=row.protocol_name, protocol_version=row.protocol_version,
-                          protocol_hash=row.protocol_hash, data_hash=data_hash, cache_key=key,
-                          cache="hit" if cached else "miss", cached_from=cached.get("run_id"),
-                          baseline="1" if method == BASELINE else None)
-        tags["pretrain_dataset"] = row.pretrain_dataset
-        row.recipe, row.backbone = row_recipe(tags), tags["backbone"]
-        tags.update({"bench.display": ",".join(row.display), "bench.higher_is_better": "1" if row.higher_is_better
-                     else "0", "bench.device": compute.get("device", "")})
-        if per_image:
-            tags["bench.per_image"] = f"per_image/{os.path.basename(per_image)}"
-        rid, done = self.ledger.stage(self._ledger_key("eval", method, task, seed=seed),
-                                      f"eval-{label}-{task}" + ("" if len(self.seeds) == 1 else f"-s{seed}"),
-                                      tags, self.parent)
-        row.run = rid or ""
-        if done or rid is None:
-            return row
-        t = self.tracker
-        t.log_params(rid, {"task": to_dict(c.tasks[task])})
-        t.log_metrics(rid, {f"{task}/{k}": v for k, v in res["metrics"].items() if isinstance(v, (int, float))})
-        # underscore alias of the primary metric: MLflow search without backticks (metrics.linseg_miou > 30)
-        t.log_metrics(rid, {f"{task}_{res['primary']}": res["metrics"].get(res["primary"])})
-        t.log_metrics(rid, {f"compute/{k}": v for k, v in compute.items() if isinstance(v, (int, float))})
-        t.log_dict(rid, self._record(seed), "config.json")
-        t.log_dict(rid, {k: tags[k] for k in ("recipe", "recipe_hash", "recipe_changes")}, "recipe.json")
-        t.log_dict(rid, {"protocol_name": row.protocol_name, "protocol_version": row.protocol_version,
-                         "protocol_hash": row.protocol_hash, "settings": res.get("protocol_settings", {})},
-                   "protocol.json")
-        if res.get("per_class"):
-            names = res.get("class_names") or DATASETS.get(c.run.eval_dataset()).class_names
-            t.log_dict(rid, {"class_names": list(names), **res["per_class"]}, f"{task}_per_class.json")
-        if per_image:
-            t.log_artifact(rid, per_image, "per_image")
-        for fpath in res.get("figures", {}).values():
-            if os.path.exists(fpath):
-                t.log_artifact(rid, fpath, "figures")
-        if os.path.exists(os.path.join(out_dir, "features_pca.png")):
-            t.log_artifact(rid, os.path.join(out_dir, "features_pca.png"), "figures")
-        t.finish(rid)
-        return row
-
-    def _feature_figure(self, method: str, final: str | None, out_dir: str, spec: dict) -> None:
-        """PCA-to-RGB picture of the method's dense features (bench.figures), drawn where evaluations run."""
-        if os.path.exists(os.path.join(out_dir, "features_pca.png")):
-            return
-        ray = self._ray()
-        from bench.figures import method_feature_figure
-
-        use_gpu = self.cfg.pretrain.gpu
-        remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(method_feature_figure)
-        try:
-            ray.get(remote.remote(method, final, spec, out_dir, use_gpu))
-        except Exception as exc:  # a picture is not worth failing a benchmark for: say so and go on
-            self.console.print(f"  [yellow]{method}: feature picture skipped ({_root_cause(exc)})[/yellow]")
 
     def finish(self, rows: list[Row]) -> None:
         from bench.figures import grid_from_npz, leaderboard_figure

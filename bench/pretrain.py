@@ -101,8 +101,13 @@ def _to_device(batch, device):
     return batch
 
 
+RESULT_FILE = "loop_result.json"
+
+
 def train_loop(loop_config: LoopConfig | dict) -> dict:
-    """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value)."""
+    """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value), also written to
+    ``<out_dir>/loop_result.json`` next to ``final.pt``."""
+    started_at = time.time()
     lc = LoopConfig.coerce(loop_config).sections()
     rank, world, ctx = _context()
     pcfg, bcfg = lc.pretrain, lc.backbone
@@ -155,7 +160,8 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
     loader = torch.utils.data.DataLoader(
         SeededViews(PretrainViews(dataset, transform), seed), batch_size=per_rank, sampler=sampler,
         num_workers=pcfg.loader_workers, collate_fn=RngCollate(collate_views), drop_last=True,
-        persistent_workers=False, pin_memory=use_gpu)
+        persistent_workers=pcfg.loader_workers > 0, pin_memory=use_gpu)  # one fork per run, not per epoch:
+        # the worker keeps its rendered-scene cache across epochs
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
@@ -168,6 +174,7 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
         proxy = Proxy.from_loop_config(lc, pcfg)
 
     method.train()
+    peak = PeakMemory(use_gpu)
     step = start
     last = {}
     t_window, n_window = time.perf_counter(), 0
@@ -183,6 +190,8 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(batch, step)
             loss = out["loss"]
+            if (step + 1) % pcfg.log_every == 0:
+                peak.sample()  # after the forward pass: the activations are all held
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower pretrain.lr or check the method config")
             optimizer.zero_grad(set_to_none=True)
@@ -213,26 +222,57 @@ def train_loop(loop_config: LoopConfig | dict) -> dict:
             if step >= total or step % spe == 0:
                 break
     wall = time.perf_counter() - t_start
+    result = {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
+              "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall,
+              "started_at": started_at, "ended_at": time.time(), **_compute_figures(method, peak)}
     if rank == 0:
         ckpt.save_torch({"method": lc.method, "step": step, "method_state": method.state_dict(),
                          "eval_backbone_prefix": method.eval_backbone_prefix()},  # --init needs no method
                         os.path.join(out_dir, "final.pt"))
+        ckpt.save_json(result, os.path.join(out_dir, RESULT_FILE))  # what the driver reads (bench.launch)
         ckpt.prune(ckpt_dir, keep=0)
-    return {"steps": step, "resumed_from": start, "final_loss": last.get("loss", float("nan")),
-            "images_per_s": (step - start) * pcfg.batch_size / max(wall, 1e-9), "wall_s": wall,
-            **_compute_figures(method, use_gpu)}
+    return result
 
 
-def _compute_figures(method, use_gpu: bool) -> dict:
-    """Trainable parameters and this worker's peak memory (MiB): CUDA allocator peak on GPU, peak RSS on CPU."""
-    import resource
+class PeakMemory:
+    """This loop's peak memory in MiB: the CUDA allocator's peak on GPU (reset when the loop starts); on CPU the
+    process's peak resident set size if this loop raised it, else the largest one sampled after forward passes.
+    One worker may run several loops (``bench.launch.train_sequence``), and ``ru_maxrss`` is per process."""
 
+    def __init__(self, use_gpu: bool):
+        self.use_gpu = use_gpu
+        self.sampled = 0.0
+        if use_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        self.before = self._maxrss()
+
+    @staticmethod
+    def _maxrss() -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def sample(self) -> None:
+        if self.use_gpu:
+            return
+        try:
+            with open("/proc/self/statm") as fh:
+                rss_pages = int(fh.read().split()[1])
+            self.sampled = max(self.sampled, rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20)
+        except (OSError, ValueError, IndexError):  # no /proc: only the process-wide peak is known
+            pass
+
+    def value(self) -> float:
+        if self.use_gpu:
+            return torch.cuda.max_memory_allocated() / 2**20
+        now = self._maxrss()
+        return now if now > self.before or not self.sampled else self.sampled
+
+
+def _compute_figures(method, peak: PeakMemory) -> dict:
+    """Trainable parameters and this loop's peak memory (MiB)."""
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-    if use_gpu:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"train_params": int(params), "peak_mem_mb": float(peak)}
+    return {"train_params": int(params), "peak_mem_mb": float(peak.value())}
 
 
 def wrap_data_parallel(method, world: int):

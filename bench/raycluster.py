@@ -24,6 +24,9 @@ from bench.errors import BenchError
 LOCAL = "local"
 
 
+SPINCOUNT = "10000"
+
+
 def _env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token must not lock out local runs
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -31,6 +34,7 @@ def _env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)  # local Ray workers inherit it (bench/__main__.py says why)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

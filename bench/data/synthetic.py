@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.data import SegDataset
+from bench.data import SegDataset, scene_store
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
@@ -40,7 +40,9 @@ class SyntheticConfig:
     # below random-init (11 mIoU). Grey scenes in fixed tones leave texture and shape as the only cues.
     saturation: float = 0.0  # colour saturation of every region (0 = grey levels only, 1 = fully random colours)
     tones: float = 0.0  # 0 = every texture in the same dark/light tones; 1 = every region's two tones random
-    cache: bool = True  # keep rendered scenes in memory (~60 KB each): later epochs and passes skip rendering
+    # keep rendered scenes: on disk, one file per split that every process of a run reads (bench/data/scene_store.py,
+    # BENCH_DATA_CACHE=off keeps them in this process's memory only); false renders every access
+    cache: bool = True
 
     def validate(self, where: str) -> None:
         if self.size < 32:
@@ -166,18 +168,32 @@ class SyntheticScenes(SegDataset):
         # disjoint seed ranges per split; the dataset seed shifts both
         self.base = cfg.seed * 10_000_000 + (0 if split == "train" else 5_000_000)
         self._cache: dict[int, dict] = {}
+        self._arrays = None  # the split from the disk store (bench/data/scene_store.py), loaded on first use
 
     def __len__(self) -> int:
         return self.n
+
+    def _render(self, index: int) -> dict:
+        scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things),
+                             self.cfg.saturation, self.cfg.tones)
+        scene["mask"] = scene["mask"].astype(np.uint8)  # 10 classes; int64 again on the way out
+        return scene
+
+    def _store_path(self) -> str | None:
+        settings = {k: v for k, v in vars(self.cfg).items() if k not in ("cache", "num_train", "num_val")}
+        return scene_store.store_path({**settings, "n": self.n,
+                                       "regions": list(self.cfg.regions), "things": list(self.cfg.things)}, self.split, __file__)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise IndexError(index)
         scene = self._cache.get(index)
-        if scene is None:
-            scene = render_scene(self.base + index, self.cfg.size, tuple(self.cfg.regions), tuple(self.cfg.things),
-                                 self.cfg.saturation, self.cfg.tones)
-            scene["mask"] = scene["mask"].astype(np.uint8)  # 10 classes; int64 again on the way out
+        if scene is None and self.cfg.cache and scene_store.store_dir() is not None:
+            if self._arrays is None:
+                self._arrays = scene_store.materialize(self._store_path(), self.n, self.cfg.size, self._render)
+            scene = scene_store.unpack(self._arrays, index)
+        elif scene is None:
+            scene = self._render(index)
             if self.cfg.cache:
                 self._cache[index] = scene
         # copies: a consumer that edits its sample in place must not change the cached scene

@@ -25,13 +25,27 @@ def bench_headline(methods: list[str], sets: list[str], profile: bool = False, p
     cfg = load_config(None, sets, {"run": {"methods": methods, "tasks": ["linseg"], "run_id": run_id, "cache": False,
                                            "results_dir": tempfile.mkdtemp(prefix="bench-perf-results-")}})
     pipe = Pipeline(cfg, progress=False)
+    store = scene_store_state()
     t = time.perf_counter()
     pipe.run()
     wall = time.perf_counter() - t
-    out = {"methods": methods, "wall_s": wall, "phases_s": dict(pipe.timings.phases)}
+    out = {"methods": methods, "wall_s": wall, "phases_s": dict(pipe.timings.phases), "scene_store": store}
     if profile:
         out["profile"] = profile_headline(cfg, methods, profile_steps)
     return out
+
+
+def scene_store_state() -> str:
+    """"cold" (an empty or new store: the run renders its scenes once, as on a fresh machine), "warm" or "off"
+    (bench/data/scene_store.py; ``BENCH_DATA_CACHE=$(mktemp -d)`` measures a cold run)."""
+    import os
+
+    from bench.data import scene_store
+
+    folder = scene_store.store_dir()
+    if folder is None:
+        return "off"
+    return "warm" if os.path.isdir(folder) and any(f.endswith(".npz") for f in os.listdir(folder)) else "cold"
 
 
 def _shares(prof, regions: tuple[str, ...], top: int = TOP_OPS) -> dict:

@@ -22,6 +22,9 @@ def _percent(rows: list[dict], keys=("share",)) -> list[dict]:
 def _headline(res: dict) -> list[str]:
     lines = _table([{"phase": k, "seconds": v} for k, v in res.get("phases_s", {}).items()]
                    + [{"phase": "total (wall)", "seconds": res.get("wall_s")}])
+    if res.get("scene_store"):
+        lines += [f"Scene store at the start: {res['scene_store']} (bench/data/scene_store.py; cold = as on a fresh "
+                  f"machine).", ""]
     prof = res.get("profile")
     if not prof:
         return lines

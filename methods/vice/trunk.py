@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.errors import BenchError
+from bench.tensorops import resize_bilinear
 
 
 def init_decoder(module: nn.Module) -> None:
@@ -82,7 +83,7 @@ class DenseTrunk(nn.Module):
         else:
             stages = self.backbone.forward_stages(x)
             low, high = stages[0], stages[-1]
-        high = F.interpolate(self.high(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = resize_bilinear(self.high(high), low.shape[-2:], align_corners=True).contiguous()
         return self.out(self.fuse(torch.cat([high, self.low(low)], dim=1)))
 
 
@@ -91,7 +92,7 @@ def upsample_to_stride(feat: torch.Tensor, image_side: int, stride: int) -> torc
     side = image_side // stride
     if feat.shape[-1] == side and feat.shape[-2] == side:
         return feat
-    return F.interpolate(feat, size=(side, side), mode="bilinear", align_corners=False)
+    return resize_bilinear(feat, (side, side))  # channels-last: the loss's B×h×w×D view of it is free
 
 
 class ASPP(nn.Module):
@@ -111,7 +112,7 @@ class ASPP(nn.Module):
                                      norm_layer(norm, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        pooled = resize_bilinear(self.pool(x), x.shape[-2:], align_corners=True).contiguous()
         return self.project(torch.cat([self.conv1(x)] + [b(x) for b in self.branches] + [pooled], dim=1))
 
 
@@ -144,7 +145,7 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stages = self.backbone.forward_stages(x)
         low = self.low(stages[0])
-        high = F.interpolate(self.aspp(stages[-1]), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = resize_bilinear(self.aspp(stages[-1]), low.shape[-2:], align_corners=True).contiguous()
         return self.out(self.fuse(torch.cat([high, low], dim=1)))
 
 

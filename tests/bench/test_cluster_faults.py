@@ -226,7 +226,7 @@ def test_driver_sigkilled_and_rerun_matches_an_uninterrupted_run(tmp_path, monke
             return [sys.executable, "-m", "bench", "run", "--methods", "dino", "--tasks", "linseg", "--run-id", run_id,
                     "--no-progress", "--no-baseline", "--address", cluster.address, "--tracking-uri", uri,
                     "--set", "pretrain.workers=2", "--set", "pretrain.cpus_per_worker=1"] + tiny_argv(
-                "--set", "pretrain.steps_per_epoch=10", "--set", "pretrain.checkpoint_every=3")
+                "--set", "pretrain.steps_per_epoch=150", "--set", "pretrain.checkpoint_every=3")
 
         ref = subprocess.run(argv("ref"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
@@ -252,7 +252,7 @@ def test_driver_sigkilled_and_rerun_matches_an_uninterrupted_run(tmp_path, monke
             return json.loads((tmp_path / "bench_runs" / run_id / "dino" / "eval_linseg.json").read_text())["metrics"]
 
         assert metrics("drv") == metrics("ref")  # identical final metrics
-        assert _steps(out_dir) == list(range(1, 11))
+        assert _steps(out_dir) == list(range(1, 151))
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("bench").experiment_id
         runs = client.search_runs([exp], "tags.`bench.run_id` = 'drv'")

@@ -51,8 +51,8 @@ def first(tmp_path_factory):
 def test_two_seeds_print_mean_pm_std_and_log_one_run_per_cell(first):
     assert first["rc"] == 0, first["out"]
     out, tmp = first["out"], first["tmp"]
-    assert re.search(r"\| dino \| (\*\*)?[\d.]+ ± [\d.]+ \(2\)", out), out
-    assert re.search(r"\| random-init \| (\*\*)?[\d.]+ ± [\d.]+ \(2\)", out), out
+    assert re.search(r"\| dino \| (cpu \| )?(\*\*)?[\d.]+ ± [\d.]+ \(2\)", out), out
+    assert re.search(r"\| random-init \| (cpu \| )?(\*\*)?[\d.]+ ± [\d.]+ \(2\)", out), out
     assert (tmp / "bench_runs" / "s1" / "dino" / "seed0" / "final.pt").exists()
     assert (tmp / "bench_runs" / "s1" / "dino" / "seed1" / "eval_linseg_per_image.npz").exists()
     runs = _runs(tmp, **{"bench.run_id": "s1"})
@@ -113,7 +113,7 @@ def test_other_evaluation_data_is_a_second_table(first, capsys, monkeypatch):
     assert main(["leaderboard"]) == 0
     out = capsys.readouterr().out
     assert out.count("| method |") == 2  # one table per evaluation data settings, never mixed
-    assert re.search(r"\| dino \| (\*\*)?[\d.]+ ± [\d.]+ \(2\)", out) and re.search(r"\| dino \| (\*\*)?[\d.]+(\*\*)? \|", out)
+    assert re.search(r"\| dino \| (cpu \| )?(\*\*)?[\d.]+ ± [\d.]+ \(2\)", out) and re.search(r"\| dino \| (cpu \| )?(\*\*)?[\d.]+(\*\*)? \|", out)
 
 
 def test_reproduce_one_cell(first, capsys, monkeypatch):
