@@ -62,30 +62,14 @@ def start_fit(cfgs: list, jobs: list[Job], pcfg, cpus: int, n_pretrain: int, run
     return thread, box, totals
 
 
-def loop_result(out_dir: str, returned=None) -> dict:
-    """A finished loop's figures: ``loop_result.json`` (rank 0 writes it beside ``final.pt``), else what the fit
-    returned, else {}."""
-    from bench import checkpoint as ckpt
-    from bench.pretrain import RESULT_FILE
-
-    path = os.path.join(out_dir, RESULT_FILE)
-    if os.path.exists(path):
-        try:
-            return ckpt.load_json(path)
-        except (OSError, ValueError):
-            pass
-    return returned if isinstance(returned, dict) else {}
-
-
 def job_seconds(box: dict, results: list[dict]) -> list[float]:
-    """Driver seconds of each job of one fit: the whole fit for one job; in a sequence, from the previous job's
-    end (or the fit's start) to this job's end, so the group's start and stop are charged to the first and last."""
-    if len(results) == 1:
-        return [box["seconds"]]
+    """Driver seconds of each job of one fit: from the previous job's end (or the fit's start) to this job's end,
+    the last ending with the fit, so a sequence's group start and stop are charged to its first and last job (one
+    job: the whole fit). A job without an end time is charged nothing; the next one carries it."""
+    ends = [r.get("ended_at") for r in results[:-1]] + [box["wall0"] + box["seconds"]]
     out, prev = [], box["wall0"]
-    for i, res in enumerate(results):
-        end = res.get("ended_at") if i < len(results) - 1 else None
-        end = end if isinstance(end, (int, float)) else prev if i < len(results) - 1 else box["wall0"] + box["seconds"]
+    for end in ends:
+        end = end if isinstance(end, (int, float)) else prev
         out.append(max(0.0, end - prev))
         prev = end
     return out

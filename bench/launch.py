@@ -16,9 +16,8 @@ import functools
 import os
 from typing import Any, Callable, Optional, Sequence
 
-from bench import checkpoint as ckpt
 from bench.loopconfig import LoopConfig
-from bench.pretrain import RESULT_FILE, train_loop
+from bench.pretrain import loop_result, train_loop
 
 
 def pretraining_trainer(config: Any, *, storage: str, workers: int = 1, cpus_per_worker: float = 1,
@@ -53,9 +52,6 @@ def train_sequence(configs: Sequence[Any]) -> list[dict]:
     out = []
     for config in configs:
         out_dir = LoopConfig.coerce(config).out_dir
-        if os.path.exists(os.path.join(out_dir, "final.pt")):
-            path = os.path.join(out_dir, RESULT_FILE)
-            out.append(ckpt.load_json(path) if os.path.exists(path) else {})
-            continue
-        out.append(train_loop(config))
+        done = os.path.exists(os.path.join(out_dir, "final.pt"))
+        out.append(loop_result(out_dir) if done else train_loop(config))
     return out

@@ -25,11 +25,12 @@ from bench.board import BASELINE, Row, baseline_label
 from bench.cache import Cache, code_version, link_or_copy, pretrain_key
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
-from bench.fitting import concurrency, follow, job_seconds, loop_result, start_fit
+from bench.fitting import concurrency, follow, job_seconds, start_fit
 from bench import recipe_tools
 from bench.leaderboard import build, export, render
 from bench.registry import TASKS
 from bench.loopconfig import loop_config
+from bench.pretrain import loop_result
 from bench.runspec import Job, Timings, _root_cause, new_run_id, parse_seeds, seeds_of
 from bench.storage import ensure_writable
 from bench.stages_eval import EvaluationStages
@@ -180,8 +181,10 @@ class Pipeline(EvaluationStages):
             for job in todo:  # a corrupt newest checkpoint: say so here; the loop resumes from the one before
                 ckpt.load_latest_step(os.path.join(job.out_dir, "checkpoints"), self.console.print)
         k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
-        for i in range(0, len(todo), k if k > 1 else max(len(todo), 1)):
-            self._fit_many(todo[i:i + k] if k > 1 else todo, k)
+        # k 1: all of them in one fit, one after the other; else k fits at a time
+        chunks = [todo[i:i + k] for i in range(0, len(todo), k)] if k > 1 else [todo] if todo else []
+        for chunk in chunks:
+            self._fit_many(chunk, k)
 
     def _prepare(self, method: str, seed: int) -> Job | None:
         c = self._cfg(seed)

@@ -104,6 +104,18 @@ def _to_device(batch, device):
 RESULT_FILE = "loop_result.json"
 
 
+def loop_result(out_dir: str, returned=None) -> dict:
+    """A finished loop's figures: ``<out_dir>/loop_result.json`` (rank 0 writes it beside ``final.pt``), else
+    ``returned`` (what the fit returned) when it is a dict, else {}."""
+    path = os.path.join(out_dir, RESULT_FILE)
+    if os.path.exists(path):
+        try:
+            return ckpt.load_json(path)
+        except (OSError, ValueError):
+            pass
+    return returned if isinstance(returned, dict) else {}
+
+
 def train_loop(loop_config: LoopConfig | dict) -> dict:
     """Pretrain one method; returns final figures (Ray Train keeps rank 0's return value), also written to
     ``<out_dir>/loop_result.json`` next to ``final.pt``."""

@@ -187,12 +187,10 @@ class SyntheticScenes(SegDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise IndexError(index)
-        scene = self._cache.get(index)
-        if scene is None and self.cfg.cache and scene_store.store_dir() is not None:
-            if self._arrays is None:
-                self._arrays = scene_store.materialize(self._store_path(), self.n, self.cfg.size, self._render)
-            scene = scene_store.unpack(self._arrays, index)
-        elif scene is None:
+        if self._arrays is None and self.cfg.cache and scene_store.store_dir() is not None:  # once: the split
+            self._arrays = scene_store.materialize(self._store_path(), self.n, self.cfg.size, self._render)
+        scene = scene_store.unpack(self._arrays, index) if self._arrays is not None else self._cache.get(index)
+        if scene is None:
             scene = self._render(index)
             if self.cfg.cache:
                 self._cache[index] = scene

@@ -7,9 +7,9 @@ import os
 import torch
 
 from bench import checkpoint as ckpt
-from bench.fitting import job_seconds, loop_result
+from bench.fitting import job_seconds
 from bench.launch import train_sequence
-from bench.pretrain import RESULT_FILE, PeakMemory, read_metrics, train_loop
+from bench.pretrain import RESULT_FILE, PeakMemory, loop_result, read_metrics, train_loop
 
 
 def _loop(method: str, out_dir: str, seed: int = 0) -> dict:
