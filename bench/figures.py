@@ -1,19 +1,12 @@
 """Pictures for MLflow: PCA-to-RGB of dense features and predictions next to ground truth.
 
-- ``pca_rgb(feats)``: B×C×h×w features -> B×h×w×3 uint8. One PCA over all B·h·w tokens (so colours mean the
-  same thing across the images of a figure), the first three components as red, green and blue, each clipped
-  to its 1st..99th percentile (ViTs have a few high-norm tokens that would otherwise wash everything out)
-  and scaled to 0..255. Each component's sign is fixed by its skewness (the projection's third moment is
-  made non-negative), so the picture does not depend on the SVD's arbitrary signs or on a rotation or shift
-  of the feature space.
-- ``mask_rgb(mask)``: H×W class ids -> H×W×3 with the fixed ``PALETTE`` (255 = ignore is black).
-- ``feature_figure`` / ``feature_grid``: images with the PCA picture of one method (or of several methods,
-  one column each, the figure every dense SSL paper shows); ``prediction_figure``: image | ground truth |
-  prediction rows with a legend of the classes shown. All return PNG bytes (matplotlib, Agg canvas, no
-  pyplot state).
-- ``method_feature_figure``: the harness side: a method's (or the untrained backbone's) features on a few
-  fixed validation images of the evaluation dataset, written to ``<out_dir>/features_pca.png`` and ``.npz``
-  (the npz feeds the side-by-side grid that ``bench run`` logs on its parent run).
+The drawing half (``pca_rgb``, ``mask_rgb``, ``feature_figure``, ``feature_grid``, ``prediction_figure``: arrays
+in, arrays or PNG bytes out) lives in ``bench.plots`` and is re-exported here under the same names; its
+docstring says what each picture shows and how its colours are fixed. This module adds the harness side:
+
+- ``method_feature_figure``: a method's (or the untrained backbone's) features on a few fixed validation images
+  of the evaluation dataset, written to ``<out_dir>/features_pca.png`` and ``.npz`` (the npz feeds the
+  side-by-side grid that ``bench run`` logs on its parent run).
 """
 
 from __future__ import annotations

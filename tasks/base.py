@@ -17,8 +17,39 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resize_pair(img: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact square resize of an image (bilinear, antialiased) and its mask (nearest) to ``size``×``size``, the
+    aspect not kept (the protocols' validation transform); no-op for ``size=0`` or a pair already that size."""
+    if size and tuple(img.shape[-2:]) != (size, size):
+        img = TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask[None], [size, size], interpolation=v2.InterpolationMode.NEAREST)[0]
+    return img, mask
+
+
+def batched_pairs(dataset, indices, batch_size: int, transform: Callable):
+    """Yields (uint8 images B×3×H×W, masks B×H×W) of ``dataset[i]`` for ``i`` in ``indices``, each pair passed
+    through ``transform(image, mask)`` first; batches of ``batch_size``, and a change of size (native sizes
+    that differ) starts a new batch, so no image is padded or resized to fit another."""
+    imgs, masks = [], []
+    for i in indices:
+        item = dataset[i]
+        img, mask = transform(item["image"], item["mask"])
+        if imgs and img.shape != imgs[0].shape:
+            yield torch.stack(imgs), torch.stack(masks)
+            imgs, masks = [], []
+        imgs.append(img)
+        masks.append(mask)
+        if len(imgs) == batch_size:
+            yield torch.stack(imgs), torch.stack(masks)
+            imgs, masks = [], []
+    if imgs:
+        yield torch.stack(imgs), torch.stack(masks)
 
 
 @dataclass

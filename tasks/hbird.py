@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 from bench.data import IGNORE_INDEX
 from bench.errors import BenchError
 from bench.registry import TASKS
-from tasks.base import EvalData, FeatureFn, Task, TaskResult
+from tasks.base import EvalData, FeatureFn, Task, TaskResult, batched_pairs, resize_pair
 from tasks.cluster import normalize_images
 from tasks.metrics import confusion_matrix, summarize
 from tasks.retrieval import MemoryBank, patch_histograms, sample_patches
@@ -120,32 +120,6 @@ def augment_pair(img: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torc
     return _JITTER(img), mask
 
 
-def resize_pair(img: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Square resize (aspect not kept; the val transform); no-op for ``size=0``."""
-    if size and tuple(img.shape[-2:]) != (size, size):
-        img = TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], [size, size], interpolation=v2.InterpolationMode.NEAREST)[0]
-    return img, mask
-
-
-def _batches(dataset, indices, batch_size, transform):
-    """Yields (uint8 B×3×H×W, B×H×W masks) after ``transform``; a size change starts a new batch."""
-    imgs, masks = [], []
-    for i in indices:
-        item = dataset[i]
-        img, mask = transform(item["image"], item["mask"])
-        if imgs and img.shape != imgs[0].shape:
-            yield torch.stack(imgs), torch.stack(masks)
-            imgs, masks = [], []
-        imgs.append(img)
-        masks.append(mask)
-        if len(imgs) == batch_size:
-            yield torch.stack(imgs), torch.stack(masks)
-            imgs, masks = [], []
-    if imgs:
-        yield torch.stack(imgs), torch.stack(masks)
-
-
 def protocol_line(cfg: HbirdConfig, n_images: int, n_seeds: int, num_classes: int, n_val: int,
                   n_memory: int) -> str:
     """The leaderboard's protocol line; results/reference.yaml matches on its head and substrings."""
@@ -198,7 +172,7 @@ class DenseRetrieval(Task):
 
     def _val_features(self, data, feats):
         cfg = self.cfg
-        for img, mask in _batches(data.val, range(len(data.val)), cfg.batch_size,
+        for img, mask in batched_pairs(data.val, range(len(data.val)), cfg.batch_size,
                                   lambda i, m: resize_pair(i, m, cfg.input_size)):
             yield feats(img), mask
 
@@ -229,7 +203,7 @@ class DenseRetrieval(Task):
                 return resize_pair(i, m, cfg.input_size)
         keys, values = [], []
         for _epoch in range(cfg.augmentation_epochs):
-            for img, mask in _batches(train, indices, cfg.batch_size, transform):
+            for img, mask in batched_pairs(train, indices, cfg.batch_size, transform):
                 f = feats(img)  # B×D×h×w
                 b, d, h, w = f.shape
                 hist = patch_histograms(self._labels(mask, num_classes), (h, w), num_classes).reshape(b, h * w, -1)

@@ -27,7 +27,7 @@ from bench.errors import BenchError
 from bench.ranges import at_least, momentum_value, positive
 from bench.registry import TASKS
 from bench.tensorops import resize_bilinear_matmul
-from tasks.base import EvalData, FeatureFn, Task, TaskResult
+from tasks.base import EvalData, FeatureFn, Task, TaskResult, batched_pairs, resize_pair
 from tasks.metrics import confusion_matrix, summarize
 
 FLOAT_CACHE_BYTES = 4 * 2**30  # up to this size the cached features are kept as float32 on the device
@@ -87,14 +87,6 @@ def _normalize(img: torch.Tensor) -> torch.Tensor:
     return (img.float() / 255.0 - mean) / std
 
 
-def _resize_pair(img: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact square resize (aspect not kept, as the protocol's validation transform)."""
-    if size and (img.shape[-1] != size or img.shape[-2] != size):
-        img = TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], [size, size], interpolation=v2.InterpolationMode.NEAREST)[0]
-    return img, mask
-
-
 def _augment_pair(img: torch.Tensor, mask: torch.Tensor, size: int, gen: torch.Generator):
     h, w = img.shape[-2:]
     top, left, bh, bw = v2.RandomResizedCrop.get_params(img, [0.8, 1.0], [3 / 4, 4 / 3])
@@ -116,20 +108,7 @@ def _resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 def _batches(dataset, indices: list[int], batch_size: int, size: int):
     """Yields (images uint8 B×3×H×W, masks B×H×W) resized to ``size`` (native when 0; then batch 1 if sizes vary)."""
-    buf_i, buf_m = [], []
-    for i in indices:
-        item = dataset[i]
-        img, mask = _resize_pair(item["image"], item["mask"], size)
-        if buf_i and (img.shape != buf_i[0].shape):
-            yield torch.stack(buf_i), torch.stack(buf_m)
-            buf_i, buf_m = [], []
-        buf_i.append(img)
-        buf_m.append(mask)
-        if len(buf_i) == batch_size:
-            yield torch.stack(buf_i), torch.stack(buf_m)
-            buf_i, buf_m = [], []
-    if buf_i:
-        yield torch.stack(buf_i), torch.stack(buf_m)
+    return batched_pairs(dataset, indices, batch_size, lambda img, mask: resize_pair(img, mask, size))
 
 
 @TASKS.register("linseg")

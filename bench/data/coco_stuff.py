@@ -51,6 +51,16 @@ def _split_dir(split: str) -> str:
     return f"{split}2017"
 
 
+def split_pairs(name: str, split: str, ids: list, cfg, img_dir: str, img_names: dict, lab_dir: str,
+                lab_names: dict) -> tuple[list, list]:
+    """(image paths, label paths) of the ids of one split: ``<img_dir>/<id>.jpg`` with ``<lab_dir>/<id>.png``;
+    train keeps the seeded ``cfg.train_fraction`` of them. A missing file on either side is one clear error."""
+    if split == "train":
+        ids = take_fraction(ids, cfg.train_fraction, cfg.fraction_seed)
+    return pair_files(name, ids, lambda i: os.path.join(img_dir, i + ".jpg"), lambda i: os.path.join(lab_dir, i + ".png"),
+                      set(img_names.values()), set(lab_names.values()))
+
+
 def fine_to_coarse27_lut() -> np.ndarray:
     """256-entry table: stuffthingmaps value (0–181) -> coarse class 0–26, everything else -> 255."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -111,11 +121,7 @@ class CocoStuff27(FileSegDataset):
             ids = read_list(curated_path)
         else:
             ids = sorted(img_names)
-        if split == "train":
-            ids = take_fraction(ids, cfg.train_fraction, cfg.fraction_seed)
-        images, labels = pair_files(name, ids, lambda i: os.path.join(img_dir, i + ".jpg"),
-                                    lambda i: os.path.join(lab_dir, i + ".png"),
-                                    set(img_names.values()), set(lab_names.values()))
+        images, labels = split_pairs(name, split, ids, cfg, img_dir, img_names, lab_dir, lab_names)
         super().__init__(name, split, images, labels, fine_to_coarse27_lut(), cfg.resize, cfg.crop,
                          cfg.max_images, img_dir)
         if cfg.subset == "curated":
@@ -136,10 +142,12 @@ def _leopart_images(name: str, root: str, images: str, sd: str) -> str:
 
 
 @dataclass
-class CocoStuff15Config:
-    root: str = ""  # Leopart's data_dir: coco/images/ and annotations/annotations/stuff_annotations/
+class LeopartCocoConfig:
+    """The settings of Leopart's COCO subsets (``coco_stuff15``, ``coco_things``): one layout, one sampling."""
+
+    root: str = ""  # Leopart's data_dir: coco/images/ and annotations/
     images: str = ""  # "" = first of coco/images, images, . (each holding {train,val}2017)
-    labels: str = ""  # "" = first of annotations/annotations/stuff_annotations, annotations, .
+    labels: str = ""  # "" = first of the subset's folder under annotations/ (LeopartCoco.label_parent), annotations, .
     train_fraction: float = 0.1  # Leopart: random 10 % of train2017 (seed 400)
     fraction_seed: int = 400
     resize: int = 0
@@ -150,33 +158,54 @@ class CocoStuff15Config:
         check_common(where, self.resize, self.crop, self.train_fraction, self.max_images)
 
 
-@DATASETS.register("coco_stuff15")
-class CocoStuff15(FileSegDataset):
-    """Leopart's COCO-Stuff: 15 stuff supercategories (sorted), things and unlabeled = 255."""
+class LeopartCoco(FileSegDataset):
+    """One split of a Leopart COCO subset: the images of ``_leopart_images`` paired by id with the label PNGs of
+    ``label_folder`` (``{sd}`` = train2017 / val2017), found under ``<root>/<labels>`` when set, else the first of
+    ``<root>/annotations/<label_parent...>``, ``<root>/annotations`` and ``<root>``. Subclasses are data: the
+    name, the label folder and where it sits, what it is (for the error), and the value -> class table."""
 
-    config_class = CocoStuff15Config
-    num_classes = 15
-    class_names = list(resource(HIERARCHY)["stuff15_names"])
+    config_class = LeopartCocoConfig
     expected_sizes = {"train": 11_828, "val": 5_000}
+    label_folder = ""
+    label_parent: tuple = ()
+    label_what = ""
 
-    def __init__(self, cfg: CocoStuff15Config, split: str):
-        name = "coco_stuff15"
+    @staticmethod
+    def lut() -> np.ndarray:
+        raise NotImplementedError
+
+    def __init__(self, cfg: LeopartCocoConfig, split: str):
+        name = self.dataset_name
         sd = _split_dir(split)
         root = require_root(name, cfg.root, "Leopart's COCO folder with coco/images/ and annotations/")
         img_dir = _leopart_images(name, root, cfg.images, sd)
-        pm = f"stuff_{sd}_pixelmaps"
-        cands = [os.path.join(root, cfg.labels, pm)] if cfg.labels else [
-            os.path.join(root, "annotations", "annotations", "stuff_annotations", pm),
-            os.path.join(root, "annotations", pm), os.path.join(root, pm)]
-        lab_dir = first_dir(name, cands, "COCO-Stuff pixelmaps from stuff_annotations_trainval2017.zip")
+        folder = self.label_folder.format(sd=sd)
+        cands = [os.path.join(root, cfg.labels, folder)] if cfg.labels else [
+            os.path.join(root, "annotations", *self.label_parent, folder), os.path.join(root, "annotations", folder),
+            os.path.join(root, folder)]
+        lab_dir = first_dir(name, cands, self.label_what)
         img_names = list_stems(img_dir, ".jpg")
         lab_names = list_stems(lab_dir, ".png")
-        ids = sorted(img_names)
-        if split == "train":
-            ids = take_fraction(ids, cfg.train_fraction, cfg.fraction_seed)
-        images, labels = pair_files(name, ids, lambda i: os.path.join(img_dir, i + ".jpg"),
-                                    lambda i: os.path.join(lab_dir, i + ".png"),
-                                    set(img_names.values()), set(lab_names.values()))
-        super().__init__(name, split, images, labels, stuff15_lut(), cfg.resize, cfg.crop, cfg.max_images, img_dir)
+        images, labels = split_pairs(name, split, sorted(img_names), cfg, img_dir, img_names, lab_dir, lab_names)
+        super().__init__(name, split, images, labels, self.lut(), cfg.resize, cfg.crop, cfg.max_images, img_dir)
         if split == "train" and cfg.train_fraction != 0.1:
             self.expected_sizes = {}
+
+
+@dataclass
+class CocoStuff15Config(LeopartCocoConfig):
+    """``coco_stuff15``: the labels are annotations/annotations/stuff_annotations/stuff_{split}2017_pixelmaps."""
+
+
+@DATASETS.register("coco_stuff15")
+class CocoStuff15(LeopartCoco):
+    """Leopart's COCO-Stuff: 15 stuff supercategories (sorted), things and unlabeled = 255."""
+
+    dataset_name = "coco_stuff15"
+    config_class = CocoStuff15Config
+    num_classes = 15
+    class_names = list(resource(HIERARCHY)["stuff15_names"])
+    label_folder = "stuff_{sd}_pixelmaps"
+    label_parent = ("annotations", "stuff_annotations")
+    label_what = "COCO-Stuff pixelmaps from stuff_annotations_trainval2017.zip"
+    lut = staticmethod(stuff15_lut)

@@ -15,15 +15,13 @@ so no panoptic JSON is needed. Defaults follow Leopart: 10 % of train2017 (seed 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.data import IGNORE_INDEX
-from bench.data._real import (FileSegDataset, check_common, first_dir, list_stems, pair_files, require_root,
-                              resource, take_fraction)
-from bench.data.coco_stuff import HIERARCHY, _leopart_images, _split_dir
+from bench.data._real import resource
+from bench.data.coco_stuff import HIERARCHY, LeopartCoco, LeopartCocoConfig
 from bench.registry import DATASETS
 
 
@@ -41,47 +39,19 @@ def things12_lut() -> np.ndarray:
 
 
 @dataclass
-class CocoThingsConfig:
-    root: str = ""  # Leopart's data_dir: coco/images/ and annotations/panoptic_annotations/
-    images: str = ""  # "" = first of coco/images, images, . (each holding {train,val}2017)
-    labels: str = ""  # "" = first of annotations/panoptic_annotations, annotations, .
-    train_fraction: float = 0.1  # Leopart: random 10 % of train2017 (seed 400)
-    fraction_seed: int = 400
-    resize: int = 0
-    crop: int = 0
-    max_images: int = 0
-
-    def validate(self, where: str) -> None:
-        check_common(where, self.resize, self.crop, self.train_fraction, self.max_images)
+class CocoThingsConfig(LeopartCocoConfig):
+    """``coco_things``: the labels are annotations/panoptic_annotations/semantic_segmentation_{split}2017."""
 
 
 @DATASETS.register("coco_things")
-class CocoThings(FileSegDataset):
+class CocoThings(LeopartCoco):
     """12 COCO thing supercategories (accessory … vehicle), stuff and unlabeled = 255."""
 
+    dataset_name = "coco_things"
     config_class = CocoThingsConfig
     num_classes = 12
     class_names = list(resource(HIERARCHY)["things12_names"])
-    expected_sizes = {"train": 11_828, "val": 5_000}
-
-    def __init__(self, cfg: CocoThingsConfig, split: str):
-        name = "coco_things"
-        sd = _split_dir(split)
-        root = require_root(name, cfg.root, "Leopart's COCO folder with coco/images/ and annotations/")
-        img_dir = _leopart_images(name, root, cfg.images, sd)
-        sem = f"semantic_segmentation_{sd}"
-        cands = [os.path.join(root, cfg.labels, sem)] if cfg.labels else [
-            os.path.join(root, "annotations", "panoptic_annotations", sem), os.path.join(root, "annotations", sem),
-            os.path.join(root, sem)]
-        lab_dir = first_dir(name, cands, "panoptic semantic-segmentation PNGs from panopticapi")
-        img_names = list_stems(img_dir, ".jpg")
-        lab_names = list_stems(lab_dir, ".png")
-        ids = sorted(img_names)
-        if split == "train":
-            ids = take_fraction(ids, cfg.train_fraction, cfg.fraction_seed)
-        images, labels = pair_files(name, ids, lambda i: os.path.join(img_dir, i + ".jpg"),
-                                    lambda i: os.path.join(lab_dir, i + ".png"),
-                                    set(img_names.values()), set(lab_names.values()))
-        super().__init__(name, split, images, labels, things12_lut(), cfg.resize, cfg.crop, cfg.max_images, img_dir)
-        if split == "train" and cfg.train_fraction != 0.1:
-            self.expected_sizes = {}
+    label_folder = "semantic_segmentation_{sd}"
+    label_parent = ("panoptic_annotations",)
+    label_what = "panoptic semantic-segmentation PNGs from panopticapi"
+    lut = staticmethod(things12_lut)
