@@ -36,15 +36,13 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from bench.data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import BenchError
 from bench.ranges import at_least
 from bench.registry import TASKS
 from methods.common.clustering import assign, kmeans, kmeans_pp  # noqa: F401 (k-means lives there; re-exported)
-from tasks.base import EvalData, FeatureFn, Task, TaskResult
+from tasks.base import EvalData, FeatureFn, Task, TaskResult, batched_pairs, resize_pair
 from tasks.metrics import confusion_matrix, iou_per_class, match_clusters, remap_confusion, summarize
 
 # --------------------------------------------------------------------------------------------- task
@@ -116,32 +114,13 @@ def _extract(features: FeatureFn, dataset, indices: list[int], batch_size: int, 
     """Per image: token features D×h×w (fp16, CPU) and the mask H×W (uint8, CPU; 255 = ignore); ``size`` > 0
     square-resizes image (bilinear) and mask (nearest) first, as Leopart's evaluation transform."""
     feats, masks = [], []
-    buf_i, buf_m = [], []
-
-    def flush():
+    for images, labels in batched_pairs(dataset, indices, batch_size, lambda img, m: resize_pair(img, m, size)):
         with torch.no_grad():
-            f = features(_normalize_images(torch.stack(buf_i).to(device))).float()
+            f = features(_normalize_images(images.to(device))).float()
             if normalize:
                 f = F.normalize(f, dim=1)
         feats.extend(f.half().cpu().unbind(0))
-        masks.extend(buf_m)
-        buf_i.clear()
-        buf_m.clear()
-
-    for i in indices:
-        item = dataset[i]
-        image, mask = item["image"], item["mask"]
-        if size and tuple(image.shape[-2:]) != (size, size):
-            image = TF.resize(image, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-            mask = TF.resize(mask[None], [size, size], interpolation=v2.InterpolationMode.NEAREST)[0]
-        if buf_i and image.shape != buf_i[0].shape:  # images of different sizes: flush, no padding
-            flush()
-        buf_i.append(image)
-        buf_m.append(mask.clamp(0, 255).to(torch.uint8))
-        if len(buf_i) == batch_size:
-            flush()
-    if buf_i:
-        flush()
+        masks.extend(labels.clamp(0, 255).to(torch.uint8).unbind(0))
     return feats, masks
 
 

@@ -173,7 +173,7 @@ class DenseRetrieval(Task):
     def _val_features(self, data, feats):
         cfg = self.cfg
         for img, mask in batched_pairs(data.val, range(len(data.val)), cfg.batch_size,
-                                  lambda i, m: resize_pair(i, m, cfg.input_size)):
+                                       lambda i, m: resize_pair(i, m, cfg.input_size)):
             yield feats(img), mask
 
     def _labels(self, mask: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -18,10 +18,11 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
+
+from bench.checkpoint import atomic_write_bytes
 
 
 def store_dir() -> str | None:
@@ -99,15 +100,7 @@ def save(path: str | None, arrays: dict[str, np.ndarray]) -> bool:
     if path is None:
         return False
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
     except OSError:
         return False
     return True
