@@ -78,9 +78,13 @@ def data_settings(cfg: dict) -> dict:
     return {k: v for k, v in (cfg or {}).items() if k != "root"}
 
 
+# pretrain settings that say where and how wide a loop runs, not what it computes: left out of the keys
+PLACEMENT_ONLY = ("cpus_per_worker", "local_mode")
+
+
 def pretrain_key(loop_cfg: dict, recipe: str = "", code: str | None = None) -> str:
     train = {k: v for k, v in loop_cfg.items() if k != "out_dir"}
-    train["pretrain"] = {k: v for k, v in train["pretrain"].items() if k != "cpus_per_worker"}
+    train["pretrain"] = {k: v for k, v in train["pretrain"].items() if k not in PLACEMENT_ONLY}
     train["dataset_cfg"] = data_settings(train.get("dataset_cfg"))
     return digest({"train": train, "recipe": recipe, "code": code or code_version(("bench", "methods"))})
 

@@ -31,7 +31,7 @@ import yaml
 
 from bench import recipes as recipe_files
 from bench.errors import BenchError
-from bench.ranges import (Range, at_least, check_range, field_range, fraction, momentum_value,  # noqa: F401
+from bench.ranges import (Range, at_least, check_range, field_range, fraction, momentum_value, one_of,  # noqa: F401
                           positive, ranged)
 from bench.names import check_config_names
 
@@ -89,13 +89,19 @@ class PretrainConfig:
     workers: int = at_least(1, 1)  # Ray Train workers (processes); one GPU each with gpu=true
     cpus_per_worker: int = at_least(0, 0)  # 0: all local CPUs for one worker, else this many
     gpu: bool = False
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = at_least(100, 1)  # steps
     log_every: int = at_least(5, 1)  # steps
     # DataLoader worker processes per training worker: the views of the next batch are built while the step runs
     # (+10-12% images/s for ViCE and CrOC on 2 cores, docs/speed.md); 0 builds them in the training process
     loader_workers: int = at_least(1, 0)
     max_failures: int = at_least(1, -1)  # Ray Train FailureConfig: restarts from the last checkpoint (-1: always)
+    # auto: a one-worker CPU pretraining on a local Ray runs in this process, through Ray Train's local mode
+    # (ScalingConfig(num_workers=0)): no worker group to start and stop, and no Ray processes beside the loop
+    # (vice/clove/croc 15-19% faster on 2 cores, docs/speed.md). A failure there restarts the loop from its last
+    # checkpoint as Ray Train would, while each restart gets further; a killed process is resumed with --run-id.
+    # never: always a Ray Train worker group (a killed worker is then restarted without the driver noticing).
+    local_mode: str = one_of("auto", "never")
     proxy_every: int = at_least(0, 0)  # steps between held-out proxy scores (bench/proxy.py, ASHA's signal in `bench tune`); 0 = off
     proxy_images: int = at_least(32, 1)  # held-out images of the pretraining dataset's val split for the proxy
     proxy_metric: str = "knn"  # knn (token k-NN mIoU) | kmeans (k-means + Hungarian mIoU)

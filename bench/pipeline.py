@@ -25,10 +25,11 @@ from bench.board import BASELINE, Row, baseline_label
 from bench.cache import Cache, code_version, link_or_copy, pretrain_key
 from bench.config import BenchConfig, to_dict
 from bench.errors import BenchError
-from bench.fitting import concurrency, follow, job_seconds, start_fit
+from bench.fitting import concurrency, follow, job_seconds, run_here, run_locally, start_fit
 from bench import recipe_tools
 from bench.leaderboard import build, export, render
 from bench.registry import TASKS
+from bench.resources import check_run, local_view
 from bench.loopconfig import loop_config
 from bench.pretrain import loop_result
 from bench.runspec import Job, Timings, _root_cause, new_run_id, parse_seeds, seeds_of
@@ -96,8 +97,6 @@ class Pipeline(EvaluationStages):
 
         if not ray.is_initialized():
             from bench.raycluster import init_ray
-
-            from bench.resources import check_run
 
             t = time.perf_counter()
             init_ray(self.cfg.run.address)
@@ -176,15 +175,20 @@ class Pipeline(EvaluationStages):
                 self._log_pretrain(job, 0.0)
             else:
                 todo.append(job)
+        pcfgs = [self._cfg(j.seed).pretrain_for(j.method) for j in todo]
+        here = run_locally(pcfgs, self.cfg.run.address)  # in this process; Ray starts when evaluations need it
         if todo:
-            self._ray()
+            if here:
+                check_run(self.cfg, self.console, view_fn=local_view)
+            else:
+                self._ray()
             for job in todo:  # a corrupt newest checkpoint: say so here; the loop resumes from the one before
                 ckpt.load_latest_step(os.path.join(job.out_dir, "checkpoints"), self.console.print)
-        k = concurrency([self._cfg(j.seed).pretrain_for(j.method) for j in todo])
+        k = 1 if here else concurrency(pcfgs)
         # k 1: all of them in one fit, one after the other; else k fits at a time
         chunks = [todo[i:i + k] for i in range(0, len(todo), k)] if k > 1 else [todo] if todo else []
         for chunk in chunks:
-            self._fit_many(chunk, k)
+            self._fit_many(chunk, k, here)
 
     def _prepare(self, method: str, seed: int) -> Job | None:
         c = self._cfg(seed)
@@ -223,22 +227,18 @@ class Pipeline(EvaluationStages):
     def _name(self, method: str, seed: int) -> str:
         return method if len(self.seeds) == 1 else f"{method} seed {seed}"
 
-    def _fit_many(self, jobs: list[Job], k: int) -> None:
+    def _fit_many(self, jobs: list[Job], k: int, here: bool = False) -> None:
         """``k`` > 1: one fit per job, all at once; ``k`` 1: one fit running ``jobs`` one after the other in one
-        worker group (``bench.launch.train_sequence``)."""
-        ray = self._ray()
-        avail = int(ray.available_resources().get("CPU", 1))
-        groups = [[j] for j in jobs] if k > 1 else [jobs]
-        started = []
-        for group in groups:
-            pcfg = self._cfg(group[0].seed).pretrain_for(group[0].method)
-            share = max(1, avail // max(pcfg.workers * len(groups), 1))
-            cpus = pcfg.cpus_per_worker or share
-            started.append((group, cpus, *start_fit([self._cfg(j.seed) for j in group], group, pcfg, cpus,
-                                                    self.n_pretrain, self.run_dir)))
-        follow(self.console, [(self._name(j.method, j.seed), j.out_dir, thread, total)
-                              for group, _, thread, _, totals in started for j, total in zip(group, totals)],
-               self.show_progress)
+        worker group (``bench.launch.train_sequence``), or with ``here`` in this process (Ray Train's local mode,
+        ``bench.fitting.run_here``)."""
+        if here:
+            pcfg = self._cfg(jobs[0].seed).pretrain_for(jobs[0].method)
+            cpus = pcfg.cpus_per_worker or (os.cpu_count() or 1)
+            box = run_here([self._cfg(j.seed) for j in jobs], jobs, [self._name(j.method, j.seed) for j in jobs],
+                           pcfg, cpus, self.n_pretrain, self.run_dir, self.console, self.show_progress)
+            started = [(jobs, cpus, None, box, None)]
+        else:
+            started = self._start_groups(jobs, k)
         for group, cpus, _thread, box, _totals in started:
             result = box.get("result")
             error = box.get("error") or getattr(result, "error", None)
@@ -259,6 +259,23 @@ class Pipeline(EvaluationStages):
             if error:
                 raise BenchError(f"pretraining {', '.join(self._name(j.method, j.seed) for j in group)} failed: "
                                  f"{_root_cause(error)}; re-run with --run-id {self.run_id} to resume")
+
+    def _start_groups(self, jobs: list[Job], k: int) -> list[tuple]:
+        """Start the worker groups of ``_fit_many`` and wait for them, with their progress bars."""
+        ray = self._ray()
+        avail = int(ray.available_resources().get("CPU", 1))
+        groups = [[j] for j in jobs] if k > 1 else [jobs]
+        started = []
+        for group in groups:
+            pcfg = self._cfg(group[0].seed).pretrain_for(group[0].method)
+            share = max(1, avail // max(pcfg.workers * len(groups), 1))
+            cpus = pcfg.cpus_per_worker or share
+            started.append((group, cpus, *start_fit([self._cfg(j.seed) for j in group], group, pcfg, cpus,
+                                                    self.n_pretrain, self.run_dir)))
+        follow(self.console, [(self._name(j.method, j.seed), j.out_dir, thread, total)
+                              for group, _, thread, _, totals in started for j, total in zip(group, totals)],
+               self.show_progress)
+        return started
 
     def _summary(self, job: Job, result: dict, seconds: float, cpus: int) -> dict:
         """The compute a pretraining took: images seen, wall time, device-hours, parameters, peak memory."""

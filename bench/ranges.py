@@ -1,4 +1,5 @@
-"""Numeric ranges declared next to config fields (issue 22): ``lr: float = positive(5e-4)``.
+"""Numeric ranges declared next to config fields (issue 22): ``lr: float = positive(5e-4)``, and the allowed values
+of string fields: ``precision: str = one_of("auto", "fp32", "bf16")``.
 
 :func:`bench.config.build` checks every field that has one, whatever gave the value (defaults, YAML, recipes,
 ``--set``, tune spaces through :func:`check_range`), and the error is one line naming the key, the value and the
@@ -65,15 +66,29 @@ def momentum_value(default: Any) -> Any:
     return ranged(default, ge=0, lt=1)
 
 
-def field_range(cls: type, name: str) -> Range | None:
+def one_of(default: str, *choices: str) -> Any:
+    """A string field with its allowed values declared next to it: ``precision: str = one_of("auto", "fp32")``
+    (the default is the first allowed value)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def _metadata(cls: type, name: str, key: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name == name:
-            return f.metadata.get("range")
+            return f.metadata.get(key)
     return None
 
 
+def field_range(cls: type, name: str) -> Range | None:
+    return _metadata(cls, name, "range")
+
+
 def check_range(cls: type, name: str, value: Any, where: str) -> None:
-    """One line naming the key, the value and the allowed range (``tune`` spaces call it on their bounds)."""
+    """One line naming the key, the value and the allowed range or values (``tune`` spaces call it on their
+    bounds)."""
+    choices = _metadata(cls, name, "choices")
+    if choices and value is not None and value not in choices:
+        raise BenchError(f"{where} = {value!r}: expected one of {', '.join(choices)}")
     rng = field_range(cls, name)
     if rng is None or value is None or isinstance(value, bool):
         return
@@ -83,4 +98,4 @@ def check_range(cls: type, name: str, value: Any, where: str) -> None:
             raise BenchError(f"{where} = {value!r}: expected {rng.describe()}")
 
 
-__all__ = ["Range", "ranged", "positive", "at_least", "fraction", "momentum_value", "field_range", "check_range"]
+__all__ = ["Range", "ranged", "positive", "at_least", "fraction", "momentum_value", "one_of", "field_range", "check_range"]

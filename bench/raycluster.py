@@ -27,7 +27,8 @@ LOCAL = "local"
 SPINCOUNT = "10000"
 
 
-def _env() -> None:
+def ray_env() -> None:
+    """The environment every Ray use here starts from (set before ``ray`` or ``ray.train`` is imported)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token must not lock out local runs
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -38,6 +39,12 @@ def _env() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def quiet_ray_logs() -> None:
+    """Ray's own INFO lines (e.g. "Running in local mode") stay out of bench's console."""
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def init_ray(address: str = "", num_cpus: int | None = None):
     """Local Ray when ``address`` is empty (or ``"local"``); otherwise join that cluster.
 
@@ -45,7 +52,7 @@ def init_ray(address: str = "", num_cpus: int | None = None):
     processes poll continuously and cost a 2-core machine a measurable share of training throughput (see
     ``bench perf --only ray``); results live in MLflow, and a cluster's head started by ``ray start`` has its own.
     """
-    _env()
+    ray_env()
     import ray
 
     if ray.is_initialized():
@@ -65,8 +72,7 @@ def init_ray(address: str = "", num_cpus: int | None = None):
         ray.init(address=LOCAL, num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
         _guard(sorted(_children() - before))
-    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_ray_logs()
     install_stop_signals()
     return ray
 

@@ -44,7 +44,7 @@ BUILTIN = ("paper", "cpu")
 # settings of the machine or the run, never of a recipe (and left out of every comparison with `paper`)
 MACHINE_KEYS = frozenset({
     "pretrain.workers", "pretrain.cpus_per_worker", "pretrain.gpu", "pretrain.precision", "pretrain.loader_workers",
-    "pretrain.max_failures", "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.proxy_every",
+    "pretrain.max_failures", "pretrain.local_mode", "pretrain.checkpoint_every", "pretrain.log_every", "pretrain.proxy_every",
     "pretrain.proxy_images", "pretrain.proxy_metric", "backbone.init",
 })
 _RECIPE_KEYS = {"version", "about", "data", "gpus", "init", "values", "pending", "extends"}

@@ -170,6 +170,14 @@ def ray_view() -> ClusterView:
     return ClusterView(nodes=nodes, max_total=max_total or None)
 
 
+def local_view() -> ClusterView:
+    """This machine as the local Ray would see it (``bench.raycluster.init_ray``: every CPU), without starting
+    Ray: the check of a pretraining that runs in this process (``bench.fitting.run_locally``)."""
+    import os
+
+    return ClusterView(nodes=[{"CPU": float(os.cpu_count() or 1)}])
+
+
 def _ray_ask(req: Request | None) -> None:
     try:
         from ray.autoscaler.sdk import request_resources
@@ -209,11 +217,13 @@ def check_pretrain(pcfg, what: str, timeout_s: float = 0.0, say: Callable[[str],
     return require(req, view_fn, timeout_s, say, ask=_ray_ask if view_fn is ray_view else None, view=view)
 
 
-def check_run(cfg, console=None) -> None:
-    """Every method of a ``bench run``; call right after Ray is started or joined."""
+def check_run(cfg, console=None, view_fn: Callable[[], ClusterView] = ray_view) -> None:
+    """Every method of a ``bench run``; call right after Ray is started or joined (or with ``local_view`` for
+    pretrainings that run in this process)."""
     say = console.print if console is not None else print
     for method in cfg.run.methods:
-        check_pretrain(cfg.pretrain_for(method), f"pretraining '{method}'", cfg.run.resource_timeout_s, say)
+        check_pretrain(cfg.pretrain_for(method), f"pretraining '{method}'", cfg.run.resource_timeout_s, say,
+                       view_fn=view_fn)
 
 
 def check_search(cfg, pcfg, console=None) -> None:
@@ -223,4 +233,4 @@ def check_search(cfg, pcfg, console=None) -> None:
 
 
 __all__ = ["ClusterView", "Request", "pack", "fits", "explain", "require", "ray_view", "check_pretrain",
-           "check_run", "check_search", "pretrain_request", "cpus_per_worker"]
+           "check_run", "check_search", "local_view", "pretrain_request", "cpus_per_worker"]

@@ -13,7 +13,7 @@ import time
 
 from bench import checkpoint as ckpt
 from bench.board import BASELINE, Row
-from bench.cache import digest, eval_key, link_or_copy
+from bench.cache import PLACEMENT_ONLY, digest, eval_key, link_or_copy
 from bench.config import to_dict
 from bench.errors import BenchError
 from bench.evaluate import eval_spec, evaluate_method
@@ -32,7 +32,7 @@ class EvaluationStages:
         if final is None:
             return {"baseline": True, "backbone": self._backbone_key(), "seed": spec["seed"]}
         return {"checkpoint": self.cache.checkpoint_hash(final), "method": method, "method_cfg": spec["method_cfg"],
-                "pretrain": {k: v for k, v in spec["pretrain"].items() if k != "cpus_per_worker"},
+                "pretrain": {k: v for k, v in spec["pretrain"].items() if k not in PLACEMENT_ONLY},
                 "backbone": self._backbone_key()}
 
     def evaluate(self, method: str, seed: int | None = None) -> list[Row]:

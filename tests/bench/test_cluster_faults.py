@@ -63,7 +63,8 @@ def test_killed_training_worker_resumes_from_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sets = ["pretrain.epochs=1", "pretrain.steps_per_epoch=12", "pretrain.batch_size=8", "pretrain.log_every=1",
             "pretrain.checkpoint_every=3", "pretrain.max_failures=2", "data.synthetic.num_train=64",
-            "data.synthetic.num_val=8", "tasks.linseg.epochs=1", "run.baseline=false"]
+            "data.synthetic.num_val=8", "tasks.linseg.epochs=1", "run.baseline=false",
+            "pretrain.local_mode=never"]  # a worker group: its worker is the process killed
     cfg = load_config(None, sets, {"run": {"methods": ["dino"], "tasks": ["linseg"], "run_id": "kill"}})
     pipe = Pipeline(cfg, progress=False)
     out_dir = tmp_path / "bench_runs" / "kill" / "dino"

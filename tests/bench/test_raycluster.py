@@ -128,10 +128,20 @@ def test_plain_bench_run_starts_its_own_ray_next_to_a_ray_start_head(tmp_path, r
         _kill_all(tree | descendants(proc.pid))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_local_ray_of_a_killed_bench_run_does_not_outlive_it(tmp_path, ray_tmp, sig):
+KILL_CASES = [(sig, mode) for sig in (signal.SIGKILL, signal.SIGTERM) for mode in ("never", "auto")]
+
+
+def test_kill_case_list_is_not_empty():
+    assert len(KILL_CASES) == 4
+
+
+@pytest.mark.parametrize("sig,local_mode", KILL_CASES)
+def test_local_ray_of_a_killed_bench_run_does_not_outlive_it(tmp_path, ray_tmp, sig, local_mode):
+    """``never``: killed while a Ray Train worker group pretrains (Ray's processes, the worker, its loader);
+    ``auto``: while the loop runs in the bench process itself (Ray not started yet; its DataLoader worker)."""
     argv = [sys.executable, "-m", "bench", "run", "--methods", "dino", "--tasks", "linseg", "--run-id", "k",
-            "--no-progress", "--no-baseline"] + tiny_argv("--set", "pretrain.steps_per_epoch=200")
+            "--no-progress", "--no-baseline"] + tiny_argv("--set", "pretrain.steps_per_epoch=200",
+                                                          "--set", f"pretrain.local_mode={local_mode}")
     proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = tmp_path / "bench_runs" / "k" / "dino" / "metrics.jsonl"
@@ -143,7 +153,7 @@ def test_local_ray_of_a_killed_bench_run_does_not_outlive_it(tmp_path, ray_tmp, 
             time.sleep(0.5)
         assert metrics.exists(), "pretraining never started"
         tree = descendants(proc.pid)
-        assert len(tree) >= 3  # gcs_server, raylet, workers...
+        assert len(tree) >= (3 if local_mode == "never" else 1)  # gcs_server, raylet, workers... / the loader
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
         deadline = time.monotonic() + 60
