@@ -1,4 +1,4 @@
-"""Training-side benchmarks of ``bench perf``: Ray Train's overhead, the view pipeline against the step, the cost
+"""Training-side benchmarks of ``bench perf``: Ray Train's overhead (worker group and local mode), the view pipeline against the step, the cost
 table (step time vs crop size and batch size per method), 1 vs 2 Ray Train CPU workers, and the views built in
 the training process vs in a DataLoader worker."""
 
@@ -19,13 +19,19 @@ COST_BATCHES = (16, 32)
 
 
 def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
+    """The same loop three ways: called directly, through ``TorchTrainer`` in Ray Train's local mode (how ``bench
+    run`` pretrains on CPUs, ``bench.fitting.run_here``) and in a one-worker Ray Train worker group. The first two
+    run before this benchmark starts Ray (``ray_up_for_local`` says whether something else had), as in ``bench
+    run``; steady images/s skip each loop's first logged window."""
+    import ray
+
     from bench.launch import pretraining_trainer
     from bench.pretrain import train_loop
     from bench.raycluster import init_ray
 
-    init_ray()
-    rows = []
     threads = torch.get_num_threads()
+    ray_up = ray.is_initialized()
+    rows = []
     for method in methods:
         tmp = tempfile.mkdtemp(prefix="bench-perf-")
         try:
@@ -33,7 +39,26 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             direct = train_loop(_loop_cfg(method, steps, os.path.join(tmp, "direct"), batch))
             wall_direct = time.perf_counter() - t
             direct_steady = _steady_images_per_s(os.path.join(tmp, "direct"), batch)
-            cfg = _loop_cfg(method, steps, os.path.join(tmp, "ray"), batch)
+            cfg = _loop_cfg(method, steps, os.path.join(tmp, "local"), batch)
+            cfg["pretrain"]["cpus_per_worker"] = threads
+            trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "local_storage"), workers=1,
+                                          cpus_per_worker=threads, local=True)
+            t = time.perf_counter()
+            local = trainer.fit().return_value
+            wall_local = time.perf_counter() - t
+            local_steady = _steady_images_per_s(os.path.join(tmp, "local"), batch)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rows.append({"method": method, "steps": steps, "direct_images_per_s": direct_steady,
+                     "local_images_per_s": local_steady, "local_ratio": local_steady / direct_steady,
+                     "direct_all_steps_images_per_s": direct["images_per_s"],
+                     "local_all_steps_images_per_s": local["images_per_s"],
+                     "direct_wall_s": wall_direct, "local_wall_s": wall_local, "ray_up_for_local": ray_up})
+    init_ray()
+    for row in rows:
+        tmp = tempfile.mkdtemp(prefix="bench-perf-")
+        try:
+            cfg = _loop_cfg(row["method"], steps, os.path.join(tmp, "ray"), batch)
             cfg["pretrain"]["cpus_per_worker"] = threads
             trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "ray_storage"), workers=1,
                                           cpus_per_worker=threads)
@@ -43,11 +68,8 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             ray_steady = _steady_images_per_s(os.path.join(tmp, "ray"), batch)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rows.append({"method": method, "steps": steps, "direct_images_per_s": direct_steady,
-                     "ray_images_per_s": ray_steady, "ratio": ray_steady / direct_steady,
-                     "direct_all_steps_images_per_s": direct["images_per_s"],
-                     "ray_all_steps_images_per_s": res["images_per_s"],
-                     "direct_wall_s": wall_direct, "ray_wall_s": wall_ray})
+        row.update({"ray_images_per_s": ray_steady, "ratio": ray_steady / row["direct_images_per_s"],
+                    "ray_all_steps_images_per_s": res["images_per_s"], "ray_wall_s": wall_ray})
     return rows
 
 

@@ -49,6 +49,7 @@ def test_perf_ray_headline_and_tune_tiny(tmp_path, monkeypatch):
     assert row["search_s"] >= row["trial_s"]
     (row,) = report["results"]["ray"]
     assert row["ratio"] > 0 and row["direct_images_per_s"] > 0
+    assert row["local_ratio"] > 0 and row["ray_up_for_local"] is False  # local mode measured before Ray starts
     phases = report["results"]["headline"]["phases_s"]
     assert {"pretrain_dino", "eval_dino", "logging", "total"} <= set(phases)  # Ray was started by `ray` before
     prof = report["results"]["headline"]["profile"]
