@@ -75,6 +75,17 @@ def _reached(jobs: list[Job]) -> int:
     return sum(rows[-1]["step"] if rows else 0 for rows in (read_metrics(j.out_dir) for j in jobs))
 
 
+def _failed_at(jobs: list[Job], names: list[str]) -> tuple[str, int]:
+    """The first unfinished job of a sequence (the one that failed) and its last logged step."""
+    from bench.pretrain import read_metrics
+
+    for job, name in zip(jobs, names):
+        if not os.path.exists(os.path.join(job.out_dir, "final.pt")):
+            rows = read_metrics(job.out_dir)
+            return name, rows[-1]["step"] if rows else 0
+    return names[-1], 0
+
+
 def run_here(cfgs: list, jobs: list[Job], names: list[str], pcfg, cpus: int, n_pretrain: int, run_dir: str,
              console, show: bool = True) -> dict:
     """``jobs`` one after the other in this process's main thread, through Ray Train's local mode, with the
@@ -107,9 +118,9 @@ def run_here(cfgs: list, jobs: list[Job], names: list[str], pcfg, cpus: int, n_p
                     box["error"] = exc
                     break
                 restarts, before = restarts + 1, reached
-                console.print(f"  [yellow]pretraining failed at step {reached} ({type(exc).__name__}: "
-                              f"{_root_cause(exc)}); restarting "
-                              f"from the last checkpoint ({restarts}/"
+                name, at = _failed_at(jobs, names)
+                console.print(f"  [yellow]pretraining '{name}' failed at step {at} ({type(exc).__name__}: "
+                              f"{_root_cause(exc)}); restarting from the last checkpoint ({restarts}/"
                               f"{'∞' if pcfg.max_failures < 0 else pcfg.max_failures}, pretrain.max_failures)"
                               f"[/yellow]")
     finally:

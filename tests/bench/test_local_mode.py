@@ -131,7 +131,7 @@ def test_a_failure_restarts_the_loop_from_its_last_checkpoint(tmp_path, monkeypa
     assert _steps(out_dir) == list(range(1, 7))  # resumed at 4: no step lost or logged twice
     assert json.loads((out_dir / "loop_result.json").read_text())["resumed_from"] == 4
     out = capsys.readouterr().out
-    assert "pretraining failed at step 4 (OSError: the disk went away for a moment); restarting" in out
+    assert "pretraining 'dino' failed at step 4 (OSError: the disk went away for a moment); restarting" in out
 
 
 def test_a_failure_that_comes_back_at_the_same_step_fails_fast(tmp_path, monkeypatch):
@@ -159,3 +159,36 @@ def test_a_failure_that_comes_back_at_the_same_step_fails_fast(tmp_path, monkeyp
         ray.shutdown()
     assert calls == [5, 5]  # one restart (from step 4), then the same step again: no further attempts
     assert (out_dir / "checkpoints" / "step_0000004.pt").exists()  # what a re-run resumes from
+
+
+def test_a_restarted_sequence_skips_the_finished_loop_and_names_the_failed_one(tmp_path, monkeypatch, capsys):
+    import ray
+
+    import bench.pretrain
+    from bench.config import load_config
+    from bench.pipeline import Pipeline
+
+    real = bench.pretrain._save_step
+    failed, dino_final = [], []
+
+    def croc_fails_once(method, optimizer, step, ckpt_dir, rank):
+        real(method, optimizer, step, ckpt_dir, rank)
+        if step == 4 and os.sep + "croc" + os.sep in ckpt_dir + os.sep and not failed:
+            failed.append(step)
+            dino_final.append(os.stat(tmp_path / "bench_runs" / "seq" / "dino" / "final.pt").st_mtime_ns)
+            raise OSError("transient")
+
+    monkeypatch.setattr(bench.pretrain, "_save_step", croc_fails_once)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, SETS, {"run": {"methods": ["dino", "croc"], "tasks": ["linseg"], "run_id": "seq"}})
+    pipe = Pipeline(cfg, progress=False)
+    try:
+        pipe.run()
+    finally:
+        ray.shutdown()
+    run = tmp_path / "bench_runs" / "seq"
+    assert failed == [4]
+    assert "pretraining 'croc' failed at step 4 (OSError: transient); restarting" in capsys.readouterr().out
+    assert os.stat(run / "dino" / "final.pt").st_mtime_ns == dino_final[0]  # finished before: not trained again
+    assert json.loads((run / "croc" / "loop_result.json").read_text())["resumed_from"] == 4
+    assert _steps(run / "dino") == list(range(1, 7)) and _steps(run / "croc") == list(range(1, 7))
