@@ -15,14 +15,16 @@ from bench.loopconfig import loop_config
 from bench.runspec import Job
 
 
-def concurrency(pcfgs: list) -> int:
+def concurrency(pcfgs: list, res: dict | None = None) -> int:
     """Pretrainings to run at once for these pretrain configs: as many as the cluster's GPUs hold (workers ×
-    1 GPU each), or its CPUs when ``cpus_per_worker`` is set; one otherwise (a pretraining then uses every CPU)."""
+    1 GPU each), or its CPUs when ``cpus_per_worker`` is set; one otherwise (a pretraining then uses every CPU).
+    ``res``: the cluster's resources ({"CPU": n, "GPU": m}); default: the connected Ray's."""
     if len(pcfgs) < 2:
         return 1
-    import ray
+    if res is None:
+        import ray
 
-    res = ray.cluster_resources()
+        res = ray.cluster_resources()
     ks = []
     for p in pcfgs:
         if p.gpu:
@@ -36,16 +38,15 @@ def concurrency(pcfgs: list) -> int:
 
 def run_locally(pcfgs: list, address: str) -> bool:
     """Whether these pretrainings run in this process (Ray Train's local mode): ``pretrain.local_mode`` auto, a
-    local Ray (no ``--address``), one CPU worker each, and one at a time (no ``cpus_per_worker`` that lets
-    several run side by side). Decided without starting Ray."""
-    from bench.raycluster import LOCAL
+    local Ray (no ``--address``), one CPU worker each, and one at a time (``concurrency`` 1 on the local Ray's
+    CPUs: no ``cpus_per_worker`` that lets several run side by side). Decided without starting Ray."""
+    from bench.raycluster import LOCAL, local_cpus
 
     if not pcfgs or any(p.local_mode == "never" for p in pcfgs) or address not in ("", LOCAL):
         return False
     if any(p.workers != 1 or p.gpu for p in pcfgs):
         return False
-    cpus = os.cpu_count() or 1  # what a local Ray would have (bench.raycluster.init_ray)
-    return len(pcfgs) < 2 or all(not p.cpus_per_worker or cpus // p.cpus_per_worker < 2 for p in pcfgs)
+    return concurrency(pcfgs, {"CPU": local_cpus()}) == 1
 
 
 def _trainer(cfgs: list, jobs: list[Job], pcfg, cpus: int, run_dir: str, local: bool):
@@ -68,22 +69,15 @@ def _totals(cfgs: list, jobs: list[Job], pcfg, n_pretrain: int) -> list[int]:
     return [plan_schedule(c.pretrain_for(j.method), n_pretrain, pcfg.workers).total_steps for c, j in zip(cfgs, jobs)]
 
 
-def _reached(jobs: list[Job]) -> int:
-    """Steps logged so far over ``jobs`` (how far a sequence got)."""
+def _progress(jobs: list[Job], names: list[str]) -> tuple[int, str, int]:
+    """How far a failed sequence got: (steps logged over all ``jobs``, the first unfinished job's name, its last
+    logged step)."""
     from bench.pretrain import read_metrics
 
-    return sum(rows[-1]["step"] if rows else 0 for rows in (read_metrics(j.out_dir) for j in jobs))
-
-
-def _failed_at(jobs: list[Job], names: list[str]) -> tuple[str, int]:
-    """The first unfinished job of a sequence (the one that failed) and its last logged step."""
-    from bench.pretrain import read_metrics
-
-    for job, name in zip(jobs, names):
-        if not os.path.exists(os.path.join(job.out_dir, "final.pt")):
-            rows = read_metrics(job.out_dir)
-            return name, rows[-1]["step"] if rows else 0
-    return names[-1], 0
+    steps = [rows[-1]["step"] if rows else 0 for rows in (read_metrics(j.out_dir) for j in jobs)]
+    failed = next((i for i, j in enumerate(jobs) if not os.path.exists(os.path.join(j.out_dir, "final.pt"))),
+                  len(jobs) - 1)
+    return sum(steps), names[failed], steps[failed]
 
 
 def run_here(cfgs: list, jobs: list[Job], names: list[str], pcfg, cpus: int, n_pretrain: int, run_dir: str,
@@ -112,13 +106,12 @@ def run_here(cfgs: list, jobs: list[Job], names: list[str], pcfg, cpus: int, n_p
                 break
             except Exception as exc:  # noqa: BLE001 - reported by the caller, or restarted here
                 traceback.clear_frames(exc.__traceback__)  # frees the failed loop (its DataLoader worker) now
-                reached = _reached(jobs)
+                reached, name, at = _progress(jobs, names)
                 left = pcfg.max_failures < 0 or restarts < pcfg.max_failures
                 if not left or reached <= before:
                     box["error"] = exc
                     break
                 restarts, before = restarts + 1, reached
-                name, at = _failed_at(jobs, names)
                 console.print(f"  [yellow]pretraining '{name}' failed at step {at} ({type(exc).__name__}: "
                               f"{_root_cause(exc)}); restarting from the last checkpoint ({restarts}/"
                               f"{'∞' if pcfg.max_failures < 0 else pcfg.max_failures}, pretrain.max_failures)"

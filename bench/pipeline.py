@@ -29,6 +29,7 @@ from bench.fitting import concurrency, follow, job_seconds, run_here, run_locall
 from bench import recipe_tools
 from bench.leaderboard import build, export, render
 from bench.registry import TASKS
+from bench.raycluster import local_cpus
 from bench.resources import check_run, local_view
 from bench.loopconfig import loop_config
 from bench.pretrain import loop_result
@@ -233,7 +234,7 @@ class Pipeline(EvaluationStages):
         ``bench.fitting.run_here``)."""
         if here:
             pcfg = self._cfg(jobs[0].seed).pretrain_for(jobs[0].method)
-            cpus = pcfg.cpus_per_worker or (os.cpu_count() or 1)
+            cpus = pcfg.cpus_per_worker or local_cpus()
             box = run_here([self._cfg(j.seed) for j in jobs], jobs, [self._name(j.method, j.seed) for j in jobs],
                            pcfg, cpus, self.n_pretrain, self.run_dir, self.console, self.show_progress)
             started = [(jobs, cpus, None, box, None)]

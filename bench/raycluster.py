@@ -39,6 +39,11 @@ def ray_env() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def local_cpus() -> int:
+    """The CPUs a local Ray started here has (``init_ray``: every CPU of the machine); known without Ray."""
+    return os.cpu_count() or 1
+
+
 def quiet_ray_logs() -> None:
     """Ray's own INFO lines (e.g. "Running in local mode") stay out of bench's console."""
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
@@ -69,7 +74,7 @@ def init_ray(address: str = "", num_cpus: int | None = None):
     else:
         dashboard = os.environ.get("BENCH_RAY_DASHBOARD", "0") == "1"
         before = _children()
-        ray.init(address=LOCAL, num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+        ray.init(address=LOCAL, num_cpus=num_cpus or local_cpus(), include_dashboard=dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
         _guard(sorted(_children() - before))
     quiet_ray_logs()

@@ -171,11 +171,11 @@ def ray_view() -> ClusterView:
 
 
 def local_view() -> ClusterView:
-    """This machine as the local Ray would see it (``bench.raycluster.init_ray``: every CPU), without starting
-    Ray: the check of a pretraining that runs in this process (``bench.fitting.run_locally``)."""
-    import os
+    """This machine as the local Ray would see it (``bench.raycluster.local_cpus``), without starting Ray: the
+    check of a pretraining that runs in this process (``bench.fitting.run_locally``)."""
+    from bench.raycluster import local_cpus
 
-    return ClusterView(nodes=[{"CPU": float(os.cpu_count() or 1)}])
+    return ClusterView(nodes=[{"CPU": float(local_cpus())}])
 
 
 def _ray_ask(req: Request | None) -> None:

@@ -18,6 +18,25 @@ COST_CROPS = (64, 96, 128, 224)  # global crop / view side in pixels (local crop
 COST_BATCHES = (16, 32)
 
 
+def _timed_fit(method: str, steps: int, batch: int, local: bool) -> tuple[dict, float, float]:
+    """One ``TorchTrainer`` fit of ``method``'s loop on this process's threads (``local``: Ray Train's local mode,
+    else a one-worker group): (the loop's result, wall seconds of ``fit()``, steady images/s)."""
+    from bench.launch import pretraining_trainer
+
+    threads = torch.get_num_threads()
+    tmp = tempfile.mkdtemp(prefix="bench-perf-")
+    try:
+        cfg = _loop_cfg(method, steps, os.path.join(tmp, "loop"), batch)
+        cfg["pretrain"]["cpus_per_worker"] = threads
+        trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "storage"), workers=1, cpus_per_worker=threads,
+                                      local=local)
+        t = time.perf_counter()
+        res = trainer.fit().return_value
+        return res, time.perf_counter() - t, _steady_images_per_s(os.path.join(tmp, "loop"), batch)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
     """The same loop three ways: called directly, through ``TorchTrainer`` in Ray Train's local mode (how ``bench
     run`` pretrains on CPUs, ``bench.fitting.run_here``) and in a one-worker Ray Train worker group. The first two
@@ -25,11 +44,9 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
     run``; steady images/s skip each loop's first logged window."""
     import ray
 
-    from bench.launch import pretraining_trainer
     from bench.pretrain import train_loop
     from bench.raycluster import init_ray
 
-    threads = torch.get_num_threads()
     ray_up = ray.is_initialized()
     rows = []
     for method in methods:
@@ -39,16 +56,9 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
             direct = train_loop(_loop_cfg(method, steps, os.path.join(tmp, "direct"), batch))
             wall_direct = time.perf_counter() - t
             direct_steady = _steady_images_per_s(os.path.join(tmp, "direct"), batch)
-            cfg = _loop_cfg(method, steps, os.path.join(tmp, "local"), batch)
-            cfg["pretrain"]["cpus_per_worker"] = threads
-            trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "local_storage"), workers=1,
-                                          cpus_per_worker=threads, local=True)
-            t = time.perf_counter()
-            local = trainer.fit().return_value
-            wall_local = time.perf_counter() - t
-            local_steady = _steady_images_per_s(os.path.join(tmp, "local"), batch)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        local, wall_local, local_steady = _timed_fit(method, steps, batch, local=True)
         rows.append({"method": method, "steps": steps, "direct_images_per_s": direct_steady,
                      "local_images_per_s": local_steady, "local_ratio": local_steady / direct_steady,
                      "direct_all_steps_images_per_s": direct["images_per_s"],
@@ -56,18 +66,7 @@ def bench_ray(methods: list[str], steps: int, batch: int) -> list[dict]:
                      "direct_wall_s": wall_direct, "local_wall_s": wall_local, "ray_up_for_local": ray_up})
     init_ray()
     for row in rows:
-        tmp = tempfile.mkdtemp(prefix="bench-perf-")
-        try:
-            cfg = _loop_cfg(row["method"], steps, os.path.join(tmp, "ray"), batch)
-            cfg["pretrain"]["cpus_per_worker"] = threads
-            trainer = pretraining_trainer(cfg, storage=os.path.join(tmp, "ray_storage"), workers=1,
-                                          cpus_per_worker=threads)
-            t = time.perf_counter()
-            res = trainer.fit().return_value
-            wall_ray = time.perf_counter() - t
-            ray_steady = _steady_images_per_s(os.path.join(tmp, "ray"), batch)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        res, wall_ray, ray_steady = _timed_fit(row["method"], steps, batch, local=False)
         row.update({"ray_images_per_s": ray_steady, "ratio": ray_steady / row["direct_images_per_s"],
                     "ray_all_steps_images_per_s": res["images_per_s"], "ray_wall_s": wall_ray})
     return rows

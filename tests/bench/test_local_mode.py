@@ -21,6 +21,7 @@ CASES = [  # (pretrain configs, --address, runs in this process)
     ([_p()], "local", True),
     ([_p(cpus=1)] * 3, "", False),  # two fit side by side on 2 CPUs: worker groups
     ([_p(cpus=2)] * 3, "", True),  # one at a time
+    ([_p(cpus=1), _p()], "", True),  # one of them takes every CPU: one at a time, as bench.fitting.concurrency says
     ([_p()], "auto", False),  # a joined cluster: the work goes to its nodes
     ([_p()], "ray://head:10001", False),
     ([_p(workers=2)], "", False),  # data parallel
